@@ -1,0 +1,88 @@
+"""Tiny random Gemma 3 checkpoints built with transformers (the reference), saved with save_pretrained."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers  # the reference implementation; a test-only dependency
+
+TINY_TEXT = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=7,  # layers 0-4 sliding, 5 global, 6 sliding
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=16,
+    sliding_window=8,
+    query_pre_attn_scalar=24,  # != head_dim, so the score scale is tested
+    max_position_embeddings=512,
+    rope_scaling={"rope_type": "linear", "factor": 8.0},
+)
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> None:
+    """Weights large enough that every term matters: norms far from 0 so (1 + w) is not 1."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            std = 0.4 if "norm" in name else 0.08
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def text_config(**overrides):
+    return transformers.Gemma3TextConfig(**{**TINY_TEXT, **overrides}, attn_implementation="eager")
+
+
+def save_hf_causal(path: Path, seed: int = 0, max_shard_size: str | None = None, **overrides):
+    torch.manual_seed(seed)
+    model = transformers.Gemma3ForCausalLM(text_config(**overrides)).eval()
+    randomize(model, seed)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    return model
+
+
+def multimodal_config(**text_overrides):
+    vision = transformers.SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        image_size=56, patch_size=14, vision_use_head=False,
+    )
+    return transformers.Gemma3Config(
+        text_config=text_config(**text_overrides).to_dict(),
+        vision_config=vision.to_dict(),
+        mm_tokens_per_image=4,
+        boi_token_index=310,
+        eoi_token_index=311,
+        image_token_index=312,
+        attn_implementation="eager",
+    )
+
+
+def save_hf_multimodal(path: Path, seed: int = 0, **text_overrides):
+    torch.manual_seed(seed)
+    model = transformers.Gemma3ForConditionalGeneration(multimodal_config(**text_overrides)).eval()
+    randomize(model, seed)
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_causal(tmp_path_factory):
+    """(directory, reference model) of a tiny Gemma3ForCausalLM."""
+    path = tmp_path_factory.mktemp("hf_causal")
+    return path, save_hf_causal(path)
+
+
+@pytest.fixture(scope="session")
+def hf_multimodal(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf_multimodal")
+    return path, save_hf_multimodal(path, seed=1)
+
+
+@pytest.fixture
+def token_ids():
+    gen = torch.Generator().manual_seed(123)
+    return torch.randint(0, TINY_TEXT["vocab_size"], (2, 29), generator=gen)  # longer than the window (8)

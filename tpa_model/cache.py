@@ -1,0 +1,73 @@
+"""The factor cache: what attention layers write each token's K/V factors into and read them back from.
+
+Only factors are stored: R_K (G + d) + R_V (G + d) numbers per token and layer, against 2 G d for a
+standard Gemma cache.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from .attention import Factors
+from .config import TextConfig
+
+
+class FactorCache(Protocol):
+    seq_len: int
+
+    def update(self, layer: int, new: Factors) -> Factors:
+        """Store the new tokens' factors at positions seq_len.. and return every cached token's factors."""
+        ...
+
+    def advance(self, n: int) -> None:
+        """Called by the model after all layers have stored n new tokens."""
+        ...
+
+
+class ContiguousFactorCache:
+    """One preallocated slab per layer for a batch of sequences that advance together."""
+
+    def __init__(
+        self,
+        config: TextConfig,
+        batch_size: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
+        G, d = config.num_key_value_heads, config.head_dim
+
+        def slab(rank: int, width: int) -> torch.Tensor:
+            return torch.zeros(batch_size, max_len, rank, width, dtype=dtype, device=device)
+
+        self.max_len = max_len
+        self.seq_len = 0
+        self.layers = [
+            Factors(slab(config.k_rank, G), slab(config.k_rank, d), slab(config.v_rank, G), slab(config.v_rank, d))
+            for _ in range(config.num_hidden_layers)
+        ]
+
+    def update(self, layer: int, new: Factors) -> Factors:
+        start, end = self.seq_len, self.seq_len + new.a_k.shape[1]
+        if end > self.max_len:
+            raise ValueError(f"cache holds {self.max_len} tokens; cannot store up to position {end}")
+        slabs = self.layers[layer]
+        out = []
+        for name in ("a_k", "b_k", "a_v", "b_v"):
+            buf = getattr(slabs, name)
+            buf[:, start:end] = getattr(new, name)
+            out.append(buf[:, :end])
+        return Factors(*out)
+
+    def advance(self, n: int) -> None:
+        self.seq_len += n
+
+    def bytes_per_token(self, layer: int) -> int:
+        """Measured from the allocated tensors: bytes one token occupies in one layer, per sequence."""
+        slabs = self.layers[layer]
+        tensors = (slabs.a_k, slabs.b_k, slabs.a_v, slabs.b_v)
+        total = sum(t.numel() * t.element_size() for t in tensors)
+        batch, max_len = slabs.a_k.shape[:2]
+        return total // (batch * max_len)

@@ -1,0 +1,110 @@
+"""The Gemma 3 decoder with Tensor Product Attention."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import attention_masks
+from .cache import FactorCache
+from .config import GLOBAL, SLIDING, TextConfig
+from .layers import GeGLU, RMSNorm, Rotary
+from .tpa import TPAttention
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: TextConfig, layer: int):
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.layer_type = config.layer_types[layer]
+        self.input_layernorm = RMSNorm(config.hidden_size, eps)
+        self.attn = TPAttention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
+        self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
+        self.mlp = GeGLU(config.hidden_size, config.intermediate_size)
+        self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
+
+    def forward(self, x, rope, mask, cache: FactorCache | None = None) -> torch.Tensor:
+        x = x + self.post_attention_layernorm(self.attn(self.input_layernorm(x), rope, mask, cache))
+        x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        return x
+
+
+class GemmaTPAModel(nn.Module):
+    """Gemma 3 language model: scaled embeddings, decoder layers with TPA attention, tied output head.
+
+    `model(input_ids)` with input_ids [batch, seq] returns logits [batch, seq, vocab]. With a cache, the
+    new tokens continue the cached sequences at position cache.seq_len.
+    """
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(c, i) for i in range(c.num_hidden_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.lm_head = None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        self.rotary = nn.ModuleDict(
+            {
+                SLIDING: Rotary(c.head_dim, c.rope_local_theta),
+                GLOBAL: Rotary(c.head_dim, c.rope_global_theta, c.rope_global_scaling),
+            }
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings scaled by sqrt(hidden), the scale rounded to the weight dtype as Gemma does."""
+        scale = torch.tensor(self.config.hidden_size**0.5, dtype=self.dtype)
+        return self.embed_tokens(input_ids) * scale
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(self.norm(hidden), head)
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: FactorCache | None = None,
+        *,
+        last_token_only: bool = False,
+    ) -> torch.Tensor:
+        return self.forward_embeds(self.embed(input_ids), cache, last_token_only=last_token_only)
+
+    def forward_embeds(
+        self,
+        x: torch.Tensor,
+        cache: FactorCache | None = None,
+        *,
+        last_token_only: bool = False,
+        extra_visible: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run the decoder on input embeddings [B, L, D].
+
+        extra_visible (bool [B or 1, 1, L, T]) is OR-ed into the causal masks before the sliding window
+        is applied; images use it to see all of their own tokens.
+        """
+        L = x.shape[1]
+        start = cache.seq_len if cache is not None else 0
+        q_pos = torch.arange(start, start + L, device=x.device)
+        k_pos = torch.arange(0, start + L, device=x.device)
+        global_mask, sliding_mask = attention_masks(q_pos, k_pos, self.config.sliding_window, extra_visible)
+        masks = {GLOBAL: global_mask, SLIDING: sliding_mask}
+        ropes = {kind: rotary(q_pos, x.dtype) for kind, rotary in self.rotary.items()}
+        for layer in self.layers:
+            x = layer(x, ropes[layer.layer_type], masks[layer.layer_type], cache)
+        if cache is not None:
+            cache.advance(L)
+        if last_token_only:
+            x = x[:, -1:]
+        return self.logits(x)

@@ -1,0 +1,115 @@
+"""Tensor Product Attention for Gemma 3.
+
+Each token's keys (values, and optionally queries) for all heads are a sum of R outer products:
+
+    K(x)[g] = sum_r a_r(x)[g] * b_r(x)       a_r(x) in R^G (head factor), b_r(x) in R^d (token factor)
+
+with b_r(x) = RoPE((1 + w) * W_b^r x) and a_r(x)[g] = U[g, r] / rms_g(x). U (G x R) is a head basis, and
+rms_g(x) is the RMS of head g's pre-norm key sum_r U[g, r] W_b^r x, so Gemma's per-head k_norm folds in
+exactly. At R = G with U = I this is Gemma 3's attention to the last bit; at R < G it is the projection of
+the stacked head keys onto span(U).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from .attention import Factors, dense_attention, factor_attention
+from .config import TextConfig
+from .layers import RMSNorm, apply_rope
+
+if TYPE_CHECKING:
+    from .cache import FactorCache
+
+
+class FactorProjection(nn.Module):
+    """x -> (head factors [..., R, n_heads], token factors [..., R, d])."""
+
+    def __init__(self, hidden: int, n_heads: int, head_dim: int, rank: int, norm: bool, eps: float):
+        super().__init__()
+        self.n_heads, self.head_dim, self.rank, self.eps = n_heads, head_dim, rank, eps
+        self.token_proj = nn.Linear(hidden, rank * head_dim, bias=False)
+        self.head_basis = nn.Parameter(torch.eye(n_heads, rank))  # U: [n_heads, R]
+        self.norm_weight = nn.Parameter(torch.zeros(head_dim)) if norm else None
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.token_proj(x).unflatten(-1, (self.rank, self.head_dim))  # pre-norm token factors
+        U = self.head_basis
+        if self.norm_weight is None:
+            head = U.t().to(c.dtype).expand(*c.shape[:-2], self.rank, self.n_heads)
+            token = c
+        else:
+            # mean square of head g's pre-norm vector sum_r U[g, r] c_r, from the R x R Gram matrix of c
+            cf = c.float()
+            gram = cf @ cf.transpose(-1, -2)
+            mean_sq = torch.einsum("gr,...rs,gs->...g", U.float(), gram, U.float()) / self.head_dim
+            inv_rms = torch.rsqrt(mean_sq + self.eps)  # [..., n_heads]
+            head = (U.t().float() * inv_rms.unsqueeze(-2)).to(c.dtype)
+            token = (cf * (1.0 + self.norm_weight.float())).to(c.dtype)
+        if rope is not None:
+            token = apply_rope(token, *rope)
+        return head, token
+
+    def head_weights(self) -> torch.Tensor:
+        """The per-head projection these factors represent, [n_heads, d, hidden] (norm excluded)."""
+        W_b = self.token_proj.weight.unflatten(0, (self.rank, self.head_dim))
+        return torch.einsum("gr,rdh->gdh", self.head_basis.to(W_b.dtype), W_b)
+
+
+def combine(head: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """sum_r head[..., r, g] * token[..., r, :] -> [..., n_heads, d]."""
+    return torch.einsum("...rg,...rd->...gd", head, token)
+
+
+class TPAttention(nn.Module):
+    def __init__(self, config: TextConfig, layer: int):
+        super().__init__()
+        c = config
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.scale = c.query_pre_attn_scalar**-0.5
+        if c.tpa.q_rank is None:
+            self.q_proj = nn.Linear(c.hidden_size, c.num_attention_heads * c.head_dim, bias=False)
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+            self.q = None
+        else:
+            self.q = FactorProjection(c.hidden_size, c.num_attention_heads, c.head_dim, c.tpa.q_rank, True, c.rms_norm_eps)
+        self.k = FactorProjection(c.hidden_size, c.num_key_value_heads, c.head_dim, c.k_rank, True, c.rms_norm_eps)
+        self.v = FactorProjection(c.hidden_size, c.num_key_value_heads, c.head_dim, c.v_rank, False, c.rms_norm_eps)
+        self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=False)
+
+    def queries(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """[B, L, H, d]: queries are not cached, so they are materialized even when factored."""
+        if self.q is None:
+            q = self.q_norm(self.q_proj(x).unflatten(-1, (self.n_heads, self.head_dim)))
+            return apply_rope(q, *rope)
+        return combine(*self.q(x, rope))
+
+    def factors(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> Factors:
+        a_k, b_k = self.k(x, rope)
+        a_v, b_v = self.v(x)
+        return Factors(a_k, b_k, a_v, b_v)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor,
+        cache: FactorCache | None = None,
+    ) -> torch.Tensor:
+        B, L, _ = x.shape
+        q = self.queries(x, rope).transpose(1, 2)  # [B, H, L, d]
+        kv = self.factors(x, rope)
+        if cache is not None:
+            kv = cache.update(self.layer, kv)
+        if L == 1:  # decode: memory-bound, read the factors only
+            out = factor_attention(q, kv, mask, self.scale)
+        else:  # prefill: compute-bound, materialize this chunk's K and V
+            k, v = kv.materialize()
+            out = dense_attention(q, k, v, mask, self.scale)
+        return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
