@@ -54,7 +54,9 @@ def factor_attention(q: torch.Tensor, kv: Factors, mask: torch.Tensor, scale: fl
     return out.view(B, H, L, d)
 
 
-def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+def dense_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
     """Standard GQA attention. q: [B, H, L, d]; k, v: [B, G, T, d]; mask as in factor_attention."""
     H, G = q.shape[1], k.shape[1]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=H != G)
@@ -73,3 +75,16 @@ def attention_masks(
     if extra_visible is not None:
         visible = visible | extra_visible
     return visible, visible & (diff < window)
+
+
+def image_block_mask(is_image: torch.Tensor, num_cached: int = 0) -> torch.Tensor:
+    """Bool [B, 1, L, num_cached + L]: True between two tokens of the same image.
+
+    is_image: bool [B, L] for the new tokens. Each contiguous run of image tokens is one image, so an image
+    sees all of its own tokens (bidirectional) but never a later image's. Cached keys get no extra
+    visibility: an image is always prefilled within one forward pass.
+    """
+    starts = is_image & ~F.pad(is_image, (1, 0), value=False)[:, :-1]
+    block = torch.where(is_image, starts.long().cumsum(-1), 0)  # 0 = text, 1.. = image number
+    same = (block[:, :, None] == block[:, None, :]) & is_image[:, :, None]
+    return F.pad(same, (num_cached, 0), value=False).unsqueeze(1)

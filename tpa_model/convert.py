@@ -44,7 +44,8 @@ class ConversionReport:
     def format(self) -> str:
         lines = [
             f"errors measured on: {self.inputs}",
-            f"{'layer':>5} {'k_rank':>6} {'v_rank':>6} {'k_energy':>9} {'v_energy':>9} {'k_rel_err':>10} {'v_rel_err':>10}",
+            f"{'layer':>5} {'k_rank':>6} {'v_rank':>6} {'k_energy':>9} {'v_energy':>9} "
+            f"{'k_rel_err':>10} {'v_rel_err':>10}",
         ]
         for r in self.layers:
             lines.append(

@@ -44,9 +44,12 @@ def generate(
     max_new_tokens: int,
     sampling: Sampling | None = None,
     stop_token_ids: Iterable[int] = (),
+    vocab_limit: int | None = None,
+    pixel_values: torch.Tensor | None = None,
 ) -> list[list[int]]:
     """Generate for a batch of prompts of equal length; each output stops at its first stop token
-    (included) or after max_new_tokens."""
+    (included) or after max_new_tokens. Ids >= vocab_limit are never produced: Gemma 3's embedding table
+    (262208) is larger than its tokenizer (262145)."""
     sampling = sampling or Sampling()
     if len({len(p) for p in prompts}) != 1:
         raise ValueError("generate() takes prompts of equal length; run different lengths separately")
@@ -62,8 +65,10 @@ def generate(
     outputs: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=model.device)
 
-    logits = model(ids, cache, last_token_only=True)[:, -1]
+    logits = model(ids, cache, pixel_values=pixel_values, last_token_only=True)[:, -1]
     for step in range(max_new_tokens):
+        if vocab_limit is not None:
+            logits[:, vocab_limit:] = float("-inf")
         next_ids = sample_next(logits, sampling, generator)
         for b in range(B):
             if not done[b]:

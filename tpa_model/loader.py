@@ -21,6 +21,33 @@ from .checkpoint import (
 from .config import TPA_ARCHITECTURE
 from .convert import ConversionReport, RankSpec, reduce_rank
 from .model import GemmaTPAModel
+from .vision import VisionConfig, hf_projector_prefix, hf_vision_prefix
+
+IMAGE_TOKEN_DEFAULT = 262_144  # <image_soft_token> in the Gemma 3 vocabulary
+
+
+def _vision_parts(raw: dict, keys: list[str]) -> tuple[VisionConfig | None, int | None]:
+    """The vision config and image token id of a checkpoint, or (None, None) for a text-only one."""
+    if is_tpa_checkpoint(raw):
+        if not raw.get("vision_config"):
+            return None, None
+        return VisionConfig.from_dict(raw["vision_config"]), int(raw["image_token_index"])
+    if raw.get("model_type") != "gemma3" or hf_vision_prefix(keys) is None:
+        return None, None
+    return VisionConfig.from_hf(raw), int(raw.get("image_token_index", IMAGE_TOKEN_DEFAULT))
+
+
+def _hf_name_map(names: list[str], keys: list[str]) -> dict[str, str | None]:
+    lm_prefix = hf_language_prefix(keys)
+    name_map: dict[str, str | None] = {}
+    for name in names:
+        if name.startswith("vision_tower."):
+            name_map[name] = hf_vision_prefix(keys) + name.removeprefix("vision_tower.")
+        elif name.startswith("multi_modal_projector."):
+            name_map[name] = hf_projector_prefix(keys) + name.removeprefix("multi_modal_projector.")
+        else:
+            name_map[name] = hf_name(name, lm_prefix)
+    return name_map
 
 
 def load_model(
@@ -42,14 +69,17 @@ def load_model(
     config = parse_text_config(path, raw)
     files = TensorFiles(path)
     try:
+        try:
+            vision, image_token_id = _vision_parts(raw, files.keys())
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path / 'config.json'}: bad vision config: {e}") from e
         with torch.device("meta"):
-            model = GemmaTPAModel(config).to(dtype)
+            model = GemmaTPAModel(config, vision, image_token_id).to(dtype)
         names = [n for n, _ in model.named_parameters()]
         if is_tpa_checkpoint(raw):
             name_map = {n: n for n in names}
         else:
-            prefix = hf_language_prefix(files.keys())
-            name_map = {n: hf_name(n, prefix) for n in names}
+            name_map = _hf_name_map(names, files.keys())
         load_weights(model, files, name_map, dtype, device)
     finally:
         files.close()
@@ -72,6 +102,9 @@ def save_model(model: GemmaTPAModel, out: str | Path, tokenizer_dir: str | Path 
         "format_version": 1,
         "text_config": model.config.to_dict(),
     }
+    if model.vision_config is not None:
+        config["vision_config"] = model.vision_config.to_dict()
+        config["image_token_index"] = model.image_token_id
     save_tpa_checkpoint(model, config, Path(out), Path(tokenizer_dir) if tokenizer_dir else None)
 
 

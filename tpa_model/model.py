@@ -6,11 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attention_masks
+from .attention import attention_masks, image_block_mask
 from .cache import FactorCache
 from .config import GLOBAL, SLIDING, TextConfig
 from .layers import GeGLU, RMSNorm, Rotary
 from .tpa import TPAttention
+from .vision import MultiModalProjector, VisionConfig, VisionTower
 
 
 class DecoderLayer(nn.Module):
@@ -32,15 +33,19 @@ class DecoderLayer(nn.Module):
 
 
 class GemmaTPAModel(nn.Module):
-    """Gemma 3 language model: scaled embeddings, decoder layers with TPA attention, tied output head.
+    """Gemma 3 with TPA attention: scaled embeddings, decoder layers, tied output head, and (4b and larger)
+    the SigLIP vision tower whose projected features replace the image soft tokens.
 
-    `model(input_ids)` with input_ids [batch, seq] returns logits [batch, seq, vocab]. With a cache, the
-    new tokens continue the cached sequences at position cache.seq_len.
+    `model(input_ids)` with input_ids [batch, seq] returns logits [batch, seq, vocab]; `pixel_values`
+    [num_images, 3, size, size] fill the image tokens in order. With a cache, the new tokens continue the
+    cached sequences at position cache.seq_len.
     """
 
-    def __init__(self, config: TextConfig):
+    def __init__(self, config: TextConfig, vision: VisionConfig | None = None, image_token_id: int | None = None):
         super().__init__()
         self.config = config
+        self.vision_config = vision
+        self.image_token_id = image_token_id
         c = config
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(c, i) for i in range(c.num_hidden_layers))
@@ -52,6 +57,9 @@ class GemmaTPAModel(nn.Module):
                 GLOBAL: Rotary(c.head_dim, c.rope_global_theta, c.rope_global_scaling),
             }
         )
+        if vision is not None:
+            self.vision_tower = VisionTower(vision)
+            self.multi_modal_projector = MultiModalProjector(vision, c.hidden_size)
 
     @property
     def device(self) -> torch.device:
@@ -72,14 +80,37 @@ class GemmaTPAModel(nn.Module):
         cap = self.config.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[num_images, mm_tokens_per_image, hidden]: what replaces each image's soft tokens."""
+        if self.vision_config is None:
+            raise ValueError("this model has no vision tower; it cannot read images")
+        return self.multi_modal_projector(self.vision_tower(pixel_values.to(self.device, self.dtype)))
+
     def forward(
         self,
         input_ids: torch.Tensor,
         cache: FactorCache | None = None,
         *,
+        pixel_values: torch.Tensor | None = None,
         last_token_only: bool = False,
     ) -> torch.Tensor:
-        return self.forward_embeds(self.embed(input_ids), cache, last_token_only=last_token_only)
+        if self.image_token_id is None:
+            return self.forward_embeds(self.embed(input_ids), cache, last_token_only=last_token_only)
+        is_image = input_ids == self.image_token_id
+        if self.image_token_id >= self.config.vocab_size:  # soft tokens outside the vocabulary
+            input_ids = input_ids.masked_fill(is_image, 0)
+        x = self.embed(input_ids)
+        if pixel_values is not None:
+            features = self.image_features(pixel_values)
+            if int(is_image.sum()) != features.shape[0] * features.shape[1]:
+                raise ValueError(
+                    f"the prompt has {int(is_image.sum())} image tokens, but {features.shape[0]} image(s) "
+                    f"need {features.shape[1]} each"
+                )
+            x = x.masked_scatter(is_image.unsqueeze(-1), features.to(x.dtype))
+        start = cache.seq_len if cache is not None else 0
+        extra = image_block_mask(is_image, start) if bool(is_image.any()) else None
+        return self.forward_embeds(x, cache, last_token_only=last_token_only, extra_visible=extra)
 
     def forward_embeds(
         self,

@@ -73,14 +73,15 @@ class TPAttention(nn.Module):
         self.layer = layer
         self.n_heads, self.n_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.scale = c.query_pre_attn_scalar**-0.5
+        D, H, G, d, eps = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps
         if c.tpa.q_rank is None:
-            self.q_proj = nn.Linear(c.hidden_size, c.num_attention_heads * c.head_dim, bias=False)
-            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+            self.q_proj = nn.Linear(D, H * d, bias=False)
+            self.q_norm = RMSNorm(d, eps)
             self.q = None
         else:
-            self.q = FactorProjection(c.hidden_size, c.num_attention_heads, c.head_dim, c.tpa.q_rank, True, c.rms_norm_eps)
-        self.k = FactorProjection(c.hidden_size, c.num_key_value_heads, c.head_dim, c.k_rank, True, c.rms_norm_eps)
-        self.v = FactorProjection(c.hidden_size, c.num_key_value_heads, c.head_dim, c.v_rank, False, c.rms_norm_eps)
+            self.q = FactorProjection(D, H, d, c.tpa.q_rank, norm=True, eps=eps)
+        self.k = FactorProjection(D, G, d, c.k_rank, norm=True, eps=eps)
+        self.v = FactorProjection(D, G, d, c.v_rank, norm=False, eps=eps)
         self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=False)
 
     def queries(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

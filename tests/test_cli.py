@@ -1,0 +1,110 @@
+"""tpa-convert and tpa-generate end to end, on a tiny Hugging Face checkpoint with a real tokenizer."""
+
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+from conftest import save_hf_causal
+
+from tpa_model import load_model
+from tpa_model.cli import convert_main, generate_main
+from tpa_model.generation import Sampling, generate
+from tpa_model.tokenizer import DEMO_CORPUS, GemmaTokenizer, train_sentencepiece
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A tiny HF checkpoint whose vocabulary is a SentencePiece model trained here."""
+    path = tmp_path_factory.mktemp("hf_with_tokenizer")
+    tok = GemmaTokenizer(train_sentencepiece(path / "tokenizer.model", DEMO_CORPUS, vocab_size=512))
+    save_hf_causal(path, seed=5, vocab_size=tok.vocab_size)
+    return path
+
+
+def test_convert_then_generate(hf_dir, tmp_path, capsys):
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(DEMO_CORPUS))
+    out = tmp_path / "tpa"
+    assert convert_main(["--model", str(hf_dir), "--out", str(out), "--k-rank", "2", "--v-rank", "1",
+                         "--calibration", str(calib), "--calibration-tokens", "64"]) == 0
+    printed = capsys.readouterr().out
+    assert "calibration text (64 tokens" in printed and "next-token KL" in printed and "nats/token" in printed
+    assert (out / "tokenizer.model").is_file() and (out / "model.safetensors").is_file()
+    model = load_model(out)
+    assert (model.config.k_rank, model.config.v_rank) == (2, 1)
+
+    assert generate_main(["--model", str(out), "--prompt", "Hello there", "--max-tokens", "5"]) == 0
+    text = capsys.readouterr()
+    assert "generated" in text.err and text.out.strip() != ""
+
+
+def test_convert_reports_bad_model(tmp_path, capsys):
+    assert convert_main(["--model", str(tmp_path), "--out", str(tmp_path / "o")]) == 1
+    assert "config.json: missing" in capsys.readouterr().err
+
+
+@torch.no_grad()
+def test_generate_matches_step_by_step_argmax(hf_dir):
+    """Greedy generation through the cache equals re-running the full sequence each step."""
+    model = load_model(hf_dir, k_rank=2, v_rank=2)
+    prompts = [[2, 10, 11, 12, 13, 14], [2, 20, 21, 22, 23, 24]]
+    outs = generate(model, prompts, max_new_tokens=12)
+    for prompt, out in zip(prompts, outs):
+        seq = list(prompt)
+        for _ in range(12):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+        assert out == seq[len(prompt):]
+    assert outs == [generate(model, [p], 12)[0] for p in prompts]  # batched equals alone
+
+
+@torch.no_grad()
+def test_seeded_sampling_is_reproducible_and_stops(hf_dir):
+    model = load_model(hf_dir)
+    prompt = [[2, 30, 31, 32]]
+    a = generate(model, prompt, 20, Sampling(temperature=1.0, top_p=0.9, top_k=50, seed=7))
+    b = generate(model, prompt, 20, Sampling(temperature=1.0, top_p=0.9, top_k=50, seed=7))
+    assert a == b and len(a[0]) == 20
+    stop = a[0][3]
+    stopped = generate(model, prompt, 20, Sampling(temperature=1.0, top_p=0.9, top_k=50, seed=7), {stop})
+    assert stopped[0] == a[0][: a[0].index(stop) + 1]
+
+
+def test_demo_model_and_installed_entry_point(tmp_path):
+    """The demo model is built with no download, and the console script runs it."""
+    exe = shutil.which("tpa-generate")
+    assert exe, "tpa-generate is not installed (pip install -e .)"
+    env = {**os.environ, "GEMMA_TPA_CACHE": str(tmp_path)}
+    result = subprocess.run([exe, "--prompt", "Why is the sky blue?", "--max-tokens", "8", "--device", "cpu"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "generated" in result.stderr and "demo-v1" in result.stderr
+    assert (tmp_path / "demo-v1" / "config.json").is_file()
+    assert (tmp_path / "demo-v1" / "tokenizer.model").is_file()
+
+
+def test_generate_with_image_on_demo_model(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    monkeypatch.setenv("GEMMA_TPA_CACHE", str(tmp_path / "cache"))
+    image = tmp_path / "red.png"
+    Image.new("RGB", (90, 31), (200, 30, 30)).save(image)
+    args = ["--prompt", "What is in this image?", "--image", str(image), "--max-tokens", "4", "--device", "cpu"]
+    assert generate_main(args) == 0
+    err = capsys.readouterr().err
+    # 4 soft tokens per image in the demo model, wrapped in <start_of_image>/<end_of_image> and blank lines
+    assert "4 generated" in err or "generated" in err
+
+    (tmp_path / "bad.png").write_bytes(b"not an image at all")
+    assert generate_main([*args[:2], "--image", str(tmp_path / "bad.png")]) == 1
+    assert "not an image" in capsys.readouterr().err
+
+
+def test_image_on_text_only_model_is_refused(hf_dir, tmp_path, capsys):
+    from PIL import Image
+
+    image = tmp_path / "x.png"
+    Image.new("RGB", (20, 20)).save(image)
+    assert generate_main(["--model", str(hf_dir), "--prompt", "hi", "--image", str(image)]) == 1
+    assert "no vision tower" in capsys.readouterr().err
