@@ -11,8 +11,8 @@ serve: install
 	tpa-generate --prompt "Why is the sky blue?" --max-tokens 32
 
 test: install
-	$(PYTHON) -m ruff check tpa_model server tests bench
+	$(PYTHON) -m ruff check .
 	$(PYTHON) -m pytest -q
 
 lint:
-	$(PYTHON) -m ruff check tpa_model server tests bench
+	$(PYTHON) -m ruff check .

@@ -86,3 +86,20 @@ def test_pickle_checkpoints_are_refused(ckpt):
 def test_not_a_directory(tmp_path):
     with pytest.raises(CheckpointError, match="not a directory"):
         load_model(tmp_path / "nowhere")
+
+
+def test_package_never_unpickles():
+    """Checkpoints are read with safetensors only: no torch.load (pickle) anywhere in the package."""
+    import pathlib
+    import re
+
+    import tpa_model
+
+    root = pathlib.Path(tpa_model.__file__).parent
+    offenders = [
+        f"{path.name}:{i + 1}"
+        for path in root.rglob("*.py")
+        for i, line in enumerate(path.read_text().splitlines())
+        if re.search(r"torch\.load\(|pickle\.load|import pickle", line) and "weights_only=True" not in line
+    ]
+    assert offenders == []
