@@ -62,6 +62,15 @@ def dense_attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=H != G)
 
 
+def attend(q: torch.Tensor, kv: Factors, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Single-token decode is memory-bound: read the factors only. Prefill is compute-bound: materialize
+    this chunk's K and V and use the fused dense kernel."""
+    if q.shape[2] == 1:
+        return factor_attention(q, kv, mask, scale)
+    k, v = kv.materialize()
+    return dense_attention(q, k, v, mask, scale)
+
+
 def attention_masks(
     q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, extra_visible: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,15 +10,15 @@ from typing import Protocol
 
 import torch
 
-from .attention import Factors
+from .attention import Factors, attend
 from .config import TextConfig
 
 
 class FactorCache(Protocol):
     seq_len: int
 
-    def update(self, layer: int, new: Factors) -> Factors:
-        """Store the new tokens' factors at positions seq_len.. and return every cached token's factors."""
+    def attend(self, layer: int, q: torch.Tensor, new: Factors, mask: torch.Tensor, scale: float) -> torch.Tensor:
+        """Store the new tokens' factors and attend q [B, H, L, d] over every cached token."""
         ...
 
     def advance(self, n: int) -> None:
@@ -60,6 +60,9 @@ class ContiguousFactorCache:
             buf[:, start:end] = getattr(new, name)
             out.append(buf[:, :end])
         return Factors(*out)
+
+    def attend(self, layer: int, q: torch.Tensor, new: Factors, mask: torch.Tensor, scale: float) -> torch.Tensor:
+        return attend(q, self.update(layer, new), mask, scale)
 
     def advance(self, n: int) -> None:
         self.seq_len += n

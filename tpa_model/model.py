@@ -10,6 +10,7 @@ from .attention import attention_masks, image_block_mask
 from .cache import FactorCache
 from .config import GLOBAL, SLIDING, TextConfig
 from .layers import GeGLU, RMSNorm, Rotary
+from .paged import PagedContext
 from .tpa import TPAttention
 from .vision import MultiModalProjector, VisionConfig, VisionTower
 
@@ -111,6 +112,15 @@ class GemmaTPAModel(nn.Module):
         start = cache.seq_len if cache is not None else 0
         extra = image_block_mask(is_image, start) if bool(is_image.any()) else None
         return self.forward_embeds(x, cache, last_token_only=last_token_only, extra_visible=extra)
+
+    def forward_paged(self, input_ids: torch.Tensor, ctx: PagedContext, logits_rows: torch.Tensor) -> torch.Tensor:
+        """One packed forward over the paged cache: input_ids [N] are the new tokens of several sequences
+        (ctx says which); returns logits [len(logits_rows), vocab] for the rows that sample."""
+        x = self.embed(input_ids)[None]
+        ropes = {kind: rotary(ctx.positions, x.dtype) for kind, rotary in self.rotary.items()}
+        for layer in self.layers:
+            x = layer(x, ropes[layer.layer_type], None, ctx)
+        return self.logits(x[0, logits_rows])
 
     def forward_embeds(
         self,

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .attention import Factors, dense_attention, factor_attention
+from .attention import Factors, attend
 from .config import TextConfig
 from .layers import RMSNorm, apply_rope
 
@@ -106,11 +106,9 @@ class TPAttention(nn.Module):
         B, L, _ = x.shape
         q = self.queries(x, rope).transpose(1, 2)  # [B, H, L, d]
         kv = self.factors(x, rope)
-        if cache is not None:
-            kv = cache.update(self.layer, kv)
-        if L == 1:  # decode: memory-bound, read the factors only
-            out = factor_attention(q, kv, mask, self.scale)
-        else:  # prefill: compute-bound, materialize this chunk's K and V
-            k, v = kv.materialize()
-            out = dense_attention(q, k, v, mask, self.scale)
+        if cache is None:
+            out = attend(q, kv, mask, self.scale)
+        else:
+            out = cache.attend(self.layer, q, kv, mask, self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
+

@@ -1,0 +1,1 @@
+"""The inference engine: scheduling, paged factor cache bookkeeping, sampling, detokenization."""

@@ -1,0 +1,239 @@
+"""The engine: requests in, tokens and text out, many sequences sharing one model and one paged cache."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from tpa_model.config import GLOBAL, SLIDING
+from tpa_model.model import GemmaTPAModel
+from tpa_model.paged import PagedContext, PagedFactorCache, SequenceChunk, factor_shapes
+from tpa_model.tokenizer import GemmaTokenizer
+
+from .block_manager import BlockManager
+from .detokenizer import IncrementalDetokenizer
+from .sampling import SamplingParams, make_generator, sample
+from .scheduler import Scheduler, Sequence, Status
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    delta_text: str = ""
+    delta_token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    cache_memory_gib: float | None = None  # default: 90% of free GPU memory on CUDA, 1 GiB on CPU
+    num_blocks: dict[str, int] | None = None  # exact pool sizes (tests); overrides cache_memory_gib
+    prefix_caching: bool = True
+
+
+def plan_blocks(model: GemmaTPAModel, cfg: EngineConfig, cache_bytes: int) -> dict[str, int]:
+    """Split the cache memory: sliding layers get the blocks their windows need, global layers the rest."""
+    text = model.config
+    elem = torch.empty((), dtype=model.dtype).element_size()
+    token_bytes = sum(r * w for r, w in factor_shapes(text)) * elem
+    layers = {g: sum((t == GLOBAL) == (g == GLOBAL) for t in text.layer_types) for g in (GLOBAL, SLIDING)}
+    block_bytes = {g: layers[g] * cfg.block_size * token_bytes for g in layers}
+    window_blocks = math.ceil(text.sliding_window / cfg.block_size) + 1
+    sliding = cfg.max_num_seqs * window_blocks + math.ceil(cfg.max_num_batched_tokens / cfg.block_size) + 1
+    sliding = sliding if layers[SLIDING] else 0
+    left = cache_bytes - sliding * block_bytes[SLIDING]
+    global_blocks = left // block_bytes[GLOBAL] if layers[GLOBAL] else 0
+    if left < 0 or (layers[GLOBAL] and global_blocks < 1):
+        raise ValueError(
+            f"{cache_bytes / 2**30:.3f} GiB of cache memory is too little: the sliding-window layers alone need "
+            f"{sliding * block_bytes[SLIDING] / 2**30:.3f} GiB for {cfg.max_num_seqs} sequences"
+        )
+    return {GLOBAL: int(global_blocks), SLIDING: int(sliding)}
+
+
+def default_cache_bytes(model: GemmaTPAModel) -> int:
+    if model.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(model.device)
+        return int(free * 0.9)
+    return 1 << 30
+
+
+class LLMEngine:
+    def __init__(self, model: GemmaTPAModel, tokenizer: GemmaTokenizer, config: EngineConfig | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = cfg = config or EngineConfig()
+        text = model.config
+        self.max_model_len = min(cfg.max_model_len or text.max_position_embeddings, text.max_position_embeddings)
+        if cfg.num_blocks is not None:
+            num_blocks = cfg.num_blocks
+        else:
+            cache_bytes = int(cfg.cache_memory_gib * 2**30) if cfg.cache_memory_gib else default_cache_bytes(model)
+            num_blocks = plan_blocks(model, cfg, cache_bytes)
+        self.cache = PagedFactorCache(text, num_blocks, cfg.block_size, model.dtype, model.device)
+        self.managers = {
+            GLOBAL: BlockManager(num_blocks[GLOBAL], cfg.block_size, None, cfg.prefix_caching),
+            SLIDING: BlockManager(num_blocks[SLIDING], cfg.block_size, text.sliding_window, cfg.prefix_caching),
+        }
+        self.scheduler = Scheduler(
+            self.managers, cfg.block_size, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len
+        )
+        self.eos_ids = frozenset(tokenizer.stop_token_ids) | frozenset(text.eos_token_id)
+        self.requests: dict[str, list[Sequence]] = {}
+        self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self.num_prompt_tokens = 0
+        self.num_generated_tokens = 0
+
+    # -- requests ---------------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request; raises ValueError (CapacityError) at once if it can never run."""
+        params.validate()
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        max_tokens = params.max_tokens or 1
+        if len(prompt_ids) + max_tokens > self.max_model_len:
+            raise ValueError(
+                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds the maximum "
+                f"model length of {self.max_model_len} tokens"
+            )
+        seqs = []
+        for i in range(params.n):
+            seed = None if params.seed is None else params.seed + i
+            seq = Sequence(f"{request_id}#{i}", request_id, i, list(prompt_ids), params,
+                           generator=make_generator(seed, self.model.device))
+            self.scheduler.add(seq)
+            self.detokenizers[seq.seq_id] = IncrementalDetokenizer(
+                self.tokenizer, params.stop, skip_special_tokens=params.skip_special_tokens
+            )
+            seqs.append(seq)
+        self.requests[request_id] = seqs
+        self.num_prompt_tokens += len(prompt_ids)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request at once and free all of its blocks. False if it was not running."""
+        seqs = self.requests.pop(request_id, None)
+        if seqs is None:
+            return False
+        for seq in seqs:
+            if seq.status is not Status.FINISHED:
+                self.scheduler.finish(seq, "abort")
+            self.detokenizers.pop(seq.seq_id, None)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- one step ---------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run one packed forward, sample; returns the requests that made progress."""
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return []
+        device = self.model.device
+        input_ids = torch.tensor(
+            [t for c in chunks for t in c.seq.token_ids[c.start : c.start + c.length]], dtype=torch.long, device=device
+        )
+        ctx = PagedContext(
+            self.cache,
+            [SequenceChunk(c.start, c.length, {g: m.tables[c.seq.seq_id] for g, m in self.managers.items()})
+             for c in chunks],
+            device,
+        )
+        sampling = [i for i, c in enumerate(chunks) if c.samples]
+        rows = torch.tensor([ctx.offsets[i + 1] - 1 for i in sampling], dtype=torch.long, device=device)
+        logits = self.model.forward_paged(input_ids, ctx, rows).float()
+        for c in chunks:
+            self.scheduler.advance(c)
+        if not sampling:
+            return []
+        logits[:, self.tokenizer.vocab_size :] = float("-inf")  # embedding rows past the tokenizer
+        seqs = [chunks[i].seq for i in sampling]
+        result = sample(
+            logits, [s.params for s in seqs], [s.generator for s in seqs],
+            [s.prompt_ids for s in seqs], [s.output_ids for s in seqs],
+        )
+        progressed: dict[str, list[tuple[Sequence, str]]] = {}
+        for i, seq in enumerate(seqs):
+            token = result.token_ids[i]
+            delta = self._append(seq, token, result.logprobs[i], result.top_logprobs[i])
+            progressed.setdefault(seq.request_id, []).append((seq, delta))
+        return [self._output(rid, deltas) for rid, deltas in progressed.items()]
+
+    def _append(self, seq: Sequence, token: int, logprob, top) -> str:
+        seq.output_ids.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+            seq.top_logprobs.append(top or [])
+        self.num_generated_tokens += 1
+        detok = self.detokenizers[seq.seq_id]
+        delta = detok.add(token)
+        p = seq.params
+        reason = None
+        if detok.stopped or token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
+            reason = "stop"
+        elif (p.max_tokens is not None and len(seq.output_ids) >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            if not detok.stopped:
+                delta += detok.finish()
+            self.scheduler.finish(seq, reason)
+        return delta
+
+    def _output(self, request_id: str, deltas: list[tuple[Sequence, str]]) -> RequestOutput:
+        seqs = self.requests[request_id]
+        delta_of = {seq.seq_id: delta for seq, delta in deltas}
+        outputs = []
+        for seq in seqs:
+            detok = self.detokenizers[seq.seq_id]
+            moved = seq.seq_id in delta_of
+            outputs.append(CompletionOutput(
+                index=seq.index,
+                text=detok.text,
+                token_ids=list(seq.output_ids),
+                finish_reason=seq.finish_reason,
+                delta_text=delta_of.get(seq.seq_id, ""),
+                delta_token_ids=seq.output_ids[-1:] if moved else [],
+                logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
+                top_logprobs=list(seq.top_logprobs) if seq.params.logprobs is not None else None,
+            ))
+        finished = all(s.status is Status.FINISHED for s in seqs)
+        out = RequestOutput(request_id, seqs[0].prompt_ids, outputs, finished, seqs[0].num_cached_prompt)
+        if finished:
+            del self.requests[request_id]
+            for s in seqs:
+                self.detokenizers.pop(s.seq_id, None)
+        return out
+
+    # -- introspection ----------------------------------------------------------------------------------
+
+    def block_usage(self) -> dict[str, tuple[int, int]]:
+        """(used, total) blocks per group; cached-but-unreferenced blocks count as free."""
+        return {g: (m.pool.num_blocks - m.num_free, m.pool.num_blocks) for g, m in self.managers.items()}
+
+    @property
+    def num_preemptions(self) -> int:
+        return self.scheduler.num_preemptions

@@ -1,0 +1,67 @@
+"""The offline API: LLM(model_path).generate(prompts or chats, sampling params)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from tpa_model.loader import load_model
+from tpa_model.tokenizer import GemmaTokenizer
+
+from .engine import EngineConfig, LLMEngine, RequestOutput
+from .sampling import SamplingParams
+
+Prompt = str | list[int] | list[dict]
+
+
+class LLM:
+    """Batch generation with continuous batching over the paged factor cache, in this process."""
+
+    def __init__(
+        self,
+        model_path: str | Path | None = None,
+        *,
+        k_rank: int | str | None = None,
+        v_rank: int | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
+        engine_config: EngineConfig | None = None,
+    ):
+        if model_path is None:
+            from tpa_model.demo import demo_model_dir
+
+            model_path = demo_model_dir()
+        self.model_path = Path(model_path)
+        model = load_model(self.model_path, k_rank=k_rank, v_rank=v_rank, dtype=dtype, device=device)
+        self.tokenizer = GemmaTokenizer.from_dir(self.model_path)
+        self.engine = LLMEngine(model, self.tokenizer, engine_config)
+        self._ids = itertools.count()
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Text is used as is (with bos), a list of messages goes through the chat template, ids pass through."""
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_bos=True)
+        if prompt and isinstance(prompt[0], dict):
+            return self.tokenizer.encode_chat(prompt)
+        return list(prompt)
+
+    def generate(
+        self, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None
+    ) -> list[RequestOutput]:
+        params_list = list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
+        order = []
+        for prompt, p in zip(prompts, params_list):
+            request_id = f"offline-{next(self._ids)}"
+            self.engine.add_request(request_id, self.encode(prompt), p)
+            order.append(request_id)
+        done: dict[str, RequestOutput] = {}
+        while self.engine.has_unfinished():
+            for out in self.engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+        return [done[r] for r in order]

@@ -1,0 +1,204 @@
+"""Continuous batching: which sequences run in the next forward, and how many of their tokens.
+
+Each step has a token budget (max_num_batched_tokens) and a cap on running sequences (max_num_seqs).
+Running sequences go first, oldest first: decodes take one token, unfinished prefills take a chunk, so a
+long prompt never stalls the others. Waiting sequences are admitted while budget, seats and blocks last.
+When a running sequence needs a block and none is free, the newest running sequence is preempted by
+recompute: its blocks are freed and it goes back to the front of the queue, keeping the tokens it has made.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from .block_manager import BlockManager, block_hashes
+from .sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+_arrivals = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: str
+    request_id: str
+    index: int  # which of the request's n samples
+    prompt_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None = None
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    num_computed: int = 0  # leading tokens whose factors are in the cache
+    num_cached_prompt: int = 0  # of the prompt, tokens served from the prefix cache at admission
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    arrival: int = field(default_factory=lambda: next(_arrivals))
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+
+@dataclass
+class ScheduledChunk:
+    seq: Sequence
+    start: int
+    length: int
+
+    @property
+    def samples(self) -> bool:
+        """The chunk reaches the sequence's last known token, so its logits give the next token."""
+        return self.start + self.length == self.seq.num_tokens
+
+
+class CapacityError(ValueError):
+    """A request that can never fit in the cache, however empty."""
+
+
+class Scheduler:
+    def __init__(
+        self,
+        managers: dict[str, BlockManager],
+        block_size: int,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+    ):
+        self.managers = managers
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def check_fits(self, num_tokens: int) -> None:
+        """Refuse at once what could never be scheduled, instead of letting it wait forever."""
+        if num_tokens > self.max_model_len:
+            raise CapacityError(f"{num_tokens} tokens exceed the maximum model length of {self.max_model_len}")
+        for group, m in self.managers.items():
+            need = -(-num_tokens // self.block_size) if m.window is None else -(
+                -(min(num_tokens, m.window + self.max_num_batched_tokens)) // self.block_size
+            ) + 1
+            if need > m.pool.num_blocks:
+                raise CapacityError(
+                    f"{num_tokens} tokens need {need} cache blocks on {group} layers, but the cache has only "
+                    f"{m.pool.num_blocks}; give the server more cache memory or send a shorter prompt"
+                )
+
+    def add(self, seq: Sequence) -> None:
+        self.check_fits(seq.num_tokens + 1)
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- scheduling -------------------------------------------------------------------------------------
+
+    def _fits(self, seq: Sequence, start: int, end: int) -> bool:
+        return all(m.blocks_needed(seq.seq_id, start, end) <= m.num_free for m in self.managers.values())
+
+    def _extend(self, seq: Sequence, start: int, end: int) -> None:
+        for m in self.managers.values():
+            m.extend(seq.seq_id, start, end)
+
+    def _free(self, seq: Sequence) -> None:
+        for m in self.managers.values():
+            m.free(seq.seq_id)
+
+    def preempt(self, seq: Sequence) -> None:
+        self._free(seq)
+        self.running.remove(seq)
+        seq.status, seq.num_computed = Status.WAITING, 0
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def _take_prefix(self, seq: Sequence) -> None:
+        """Start a new sequence on the longest cached prefix all groups can serve."""
+        hashes = block_hashes(seq.token_ids, self.block_size)
+        n_max = min(len(hashes), (seq.num_tokens - 1) // self.block_size)  # compute >= 1 token for logits
+        for n in range(n_max, 0, -1):
+            if all(m.can_serve_prefix(hashes, n) for m in self.managers.values()):
+                shared = {g: m.blocks_to_share(hashes, n) for g, m in self.managers.items()}
+                if all(shared[g] <= m.num_free for g, m in self.managers.items()):
+                    for m in self.managers.values():
+                        m.take_prefix(seq.seq_id, hashes, n)
+                    seq.num_computed = n * self.block_size
+                    break
+
+    def schedule(self) -> list[ScheduledChunk]:
+        budget = self.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        for seq in sorted(self.running, key=lambda s: s.arrival):
+            if seq.status is not Status.RUNNING or budget == 0:
+                continue
+            start = seq.num_computed
+            length = min(seq.num_tokens - start, budget)
+            while not self._fits(seq, start, start + length):
+                victim = max(self.running, key=lambda s: s.arrival)
+                self.preempt(victim)
+                chunks = [c for c in chunks if c.seq is not victim]
+                if victim is seq:
+                    break
+            if seq.status is not Status.RUNNING:
+                continue
+            self._extend(seq, start, start + length)
+            chunks.append(ScheduledChunk(seq, start, length))
+            budget -= length
+
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if seq.num_computed == 0:
+                self._take_prefix(seq)
+            start = seq.num_computed
+            length = min(seq.num_tokens - start, budget)
+            if not self._fits(seq, start, start + length):
+                if start > 0:  # give back the prefix blocks it took; it retries next step
+                    self._free(seq)
+                    seq.num_computed = 0
+                break
+            if start > 0 and not seq.output_ids and not seq.num_cached_prompt:
+                seq.num_cached_prompt = start
+            self.waiting.popleft()
+            self._extend(seq, start, start + length)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            chunks.append(ScheduledChunk(seq, start, length))
+            budget -= length
+        return chunks
+
+    # -- after the forward ------------------------------------------------------------------------------
+
+    def advance(self, chunk: ScheduledChunk) -> None:
+        """The chunk's factors are in the cache: publish full blocks, drop what slid out of the window."""
+        seq = chunk.seq
+        seq.num_computed = chunk.start + chunk.length
+        hashes = block_hashes(seq.token_ids[: seq.num_computed], self.block_size)
+        for m in self.managers.values():
+            m.register_full_blocks(seq.seq_id, hashes, seq.num_computed)
+            m.slide(seq.seq_id, seq.num_computed)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+        self._free(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)

@@ -1,0 +1,185 @@
+"""The engine: paged factor cache + continuous batching, checked token for token against the contiguous path."""
+
+import pytest
+import torch
+
+from server.engine.engine import EngineConfig, LLMEngine
+from server.engine.llm import LLM
+from server.engine.sampling import SamplingParams
+from tpa_model.config import GLOBAL, SLIDING
+from tpa_model.demo import build_demo
+from tpa_model.generation import generate
+from tpa_model.loader import load_model
+from tpa_model.tokenizer import GemmaTokenizer
+
+BLOCK = 4
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("engine_model")
+    build_demo(path)  # tiny random Gemma 3 TPA: 6 layers (5 sliding, window 16), 2 kv heads
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(demo_dir):
+    return load_model(demo_dir)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(demo_dir):
+    return GemmaTokenizer.from_dir(demo_dir)
+
+
+def make_engine(model, tokenizer, global_blocks=64, sliding_blocks=64, **kw):
+    cfg = EngineConfig(block_size=BLOCK, num_blocks={GLOBAL: global_blocks, SLIDING: sliding_blocks}, **kw)
+    return LLMEngine(model, tokenizer, cfg)
+
+
+def run(engine, requests):
+    """requests: {request_id: (prompt_ids, params)} -> {request_id: final RequestOutput}."""
+    for rid, (prompt, params) in requests.items():
+        engine.add_request(rid, prompt, params)
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    return done
+
+
+def prompts(n, seed=0, lo=5, hi=60):
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(lo, hi, (n,), generator=gen).tolist()
+    return [[2] + torch.randint(10, 400, (L,), generator=gen).tolist() for L in lengths]
+
+
+def all_free(engine):
+    return all(used == 0 for used, _ in engine.block_usage().values())
+
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+def test_batch_with_preemption_equals_one_at_a_time(model, tokenizer):
+    ps = prompts(16)
+    expected = [generate(model, [p], 24)[0] for p in ps]  # contiguous cache, one prompt at a time
+    engine = make_engine(model, tokenizer, global_blocks=48, sliding_blocks=40, max_num_seqs=16,
+                         max_num_batched_tokens=64)
+    done = run(engine, {f"r{i}": (p, SamplingParams(max_tokens=24, **GREEDY)) for i, p in enumerate(ps)})
+    assert engine.num_preemptions > 0
+    for i, exp in enumerate(expected):
+        assert done[f"r{i}"].outputs[0].token_ids == exp, f"request {i} differs"
+        assert done[f"r{i}"].outputs[0].finish_reason == "length"
+    assert all_free(engine)
+
+
+def test_sliding_layers_hold_only_the_window(model, tokenizer):
+    engine = make_engine(model, tokenizer)
+    engine.add_request("long", prompts(1, lo=10, hi=11)[0], SamplingParams(max_tokens=120, **GREEDY))
+    window = model.config.sliding_window
+    most = 0
+    while engine.has_unfinished():
+        engine.step()
+        seq_tables = engine.managers[SLIDING].tables
+        for seq_id in seq_tables:
+            most = max(most, engine.managers[SLIDING].live_blocks(seq_id))
+            assert engine.managers[SLIDING].live_blocks(seq_id) <= window // BLOCK + 1
+        for seq in engine.requests.get("long", []):
+            if seq.seq_id in engine.managers[GLOBAL].tables:  # global layers keep every block
+                assert engine.managers[GLOBAL].live_blocks(seq.seq_id) == -(-seq.num_computed // BLOCK)
+    assert most == window // BLOCK + 1
+    assert all_free(engine)
+
+
+def test_aborts_free_every_block(model, tokenizer):
+    engine = make_engine(model, tokenizer, max_num_batched_tokens=8)
+    long_prompt = prompts(1, lo=50, hi=51)[0]
+    engine.add_request("prefilling", long_prompt, SamplingParams(max_tokens=50, **GREEDY))
+    engine.add_request("decoding", [2, 11, 12], SamplingParams(max_tokens=50, **GREEDY))
+    engine.add_request("finishing", [2, 13, 14], SamplingParams(max_tokens=3, **GREEDY))
+    for _ in range(3):
+        engine.step()
+    prefill_seq = engine.requests["prefilling"][0]
+    assert 0 < prefill_seq.num_computed < len(long_prompt), "abort must happen mid-prefill"
+    assert engine.abort("prefilling")
+    while len(engine.requests["decoding"][0].output_ids) < 5:
+        engine.step()
+    assert engine.abort("decoding")
+    while engine.has_unfinished():
+        engine.step()
+    assert all_free(engine)
+    assert not engine.abort("decoding")  # already gone
+
+
+def test_prefix_sharing_saves_blocks_and_keeps_tokens(model, tokenizer):
+    prefix = prompts(1, seed=3, lo=40, hi=41)[0]
+    a, b = prefix + [20, 21, 22], prefix + [30, 31]
+    params = SamplingParams(max_tokens=8, **GREEDY)
+    results, used = {}, {}
+    for sharing in (True, False):
+        engine = make_engine(model, tokenizer, prefix_caching=sharing)
+        engine.add_request("a", a, params)
+        engine.step()  # a's whole prompt is computed and its full blocks published
+        engine.add_request("b", b, params)
+        engine.step()
+        used[sharing] = engine.block_usage()[GLOBAL][0]
+        cached = engine.requests["b"][0].num_cached_prompt
+        assert (cached >= 40 - BLOCK) if sharing else cached == 0
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.finished:
+                    results[(sharing, out.request_id)] = out.outputs[0].token_ids
+        assert all_free(engine)
+    assert used[True] < used[False]
+    assert results[(True, "a")] == results[(False, "a")] == generate(model, [a], 8)[0]
+    assert results[(True, "b")] == results[(False, "b")] == generate(model, [b], 8)[0]
+
+
+def test_seeded_sampling_alone_equals_in_batch(model, tokenizer):
+    ps = prompts(8, seed=5)
+    params = [SamplingParams(max_tokens=16, temperature=0.7 + 0.1 * i, top_p=0.9, top_k=40, seed=100 + i,
+                             ignore_eos=True) for i in range(8)]
+    batch = run(make_engine(model, tokenizer), {f"r{i}": (p, q) for i, (p, q) in enumerate(zip(ps, params))})
+    for i, (p, q) in enumerate(zip(ps, params)):
+        alone = run(make_engine(model, tokenizer), {"x": (p, q)})["x"]
+        assert alone.outputs[0].token_ids == batch[f"r{i}"].outputs[0].token_ids
+
+
+def test_stop_string_split_across_tokens(model, tokenizer):
+    prompt = prompts(1, seed=9)[0]
+    free_run = run(make_engine(model, tokenizer), {"x": (prompt, SamplingParams(max_tokens=30, **GREEDY))})["x"]
+    ids = free_run.outputs[0].token_ids
+    # a stop string made of the end of one token's text and the start of the next's
+    texts = [tokenizer.decode(ids[:k]) for k in range(len(ids) + 1)]
+    k = next(k for k in range(2, len(ids)) if len(texts[k]) - len(texts[k - 1]) >= 2 and
+             len(texts[k + 1]) - len(texts[k]) >= 2)
+    stop = texts[k][-2:] + texts[k + 1][len(texts[k]):][:2]
+    full = free_run.outputs[0].text
+    out = run(make_engine(model, tokenizer), {"x": (prompt, SamplingParams(max_tokens=30, stop=[stop], **GREEDY))})
+    result = out["x"].outputs[0]
+    assert result.finish_reason == "stop"
+    assert result.text == full[: full.index(stop)]
+    assert stop not in result.text
+
+
+def test_n_samples_and_offline_api(demo_dir):
+    llm = LLM(demo_dir, engine_config=EngineConfig(block_size=BLOCK, cache_memory_gib=0.01))
+    outs = llm.generate(
+        ["The sky is", [{"role": "user", "content": "Hello"}]],
+        SamplingParams(n=3, max_tokens=6, temperature=1.0, seed=1, ignore_eos=True),
+    )
+    assert [len(o.outputs) for o in outs] == [3, 3]
+    assert all(len(c.token_ids) == 6 for o in outs for c in o.outputs)
+    assert len({tuple(c.token_ids) for c in outs[0].outputs}) > 1  # different samples
+    assert all_free(llm.engine)
+
+
+def test_requests_that_cannot_fit_are_refused(model, tokenizer):
+    engine = make_engine(model, tokenizer, global_blocks=8, max_model_len=4096)
+    with pytest.raises(ValueError, match="cache blocks on full_attention layers"):
+        engine.add_request("big", prompts(1, lo=40, hi=41)[0], SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match="exceeds the maximum model length of 4096"):
+        engine.add_request("huge", [2] * 4090, SamplingParams(max_tokens=10))
+    assert all_free(engine) and not engine.has_unfinished()
