@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
 import torch
 
+from tpa_model.capacity import CapacityReport, report_for_pools
 from tpa_model.config import GLOBAL, SLIDING
 from tpa_model.model import GemmaTPAModel
 from tpa_model.paged import PagedContext, PagedFactorCache, SequenceChunk, factor_shapes
@@ -16,6 +18,8 @@ from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
 from .sampling import SamplingParams, make_generator, sample
 from .scheduler import Scheduler, Sequence, Status
+
+log = logging.getLogger("gemma_tpa.engine")
 
 
 @dataclass
@@ -97,6 +101,8 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.managers, cfg.block_size, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len
         )
+        self.capacity: CapacityReport = report_for_pools(self.cache, self.max_model_len)
+        log.info("%s", self.capacity.format())
         self.eos_ids = frozenset(tokenizer.stop_token_ids) | frozenset(text.eos_token_id)
         self.requests: dict[str, list[Sequence]] = {}
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
