@@ -46,7 +46,8 @@ def main() -> None:
                 "sessions": sessions,
                 "vs_standard_window": sessions / baseline if baseline else float("inf"),
             })
-    header = f"{'model':>5} {'G':>3} {'cache':<34} {'bytes/token':>12} {'GiB/session':>12} {'sessions':>9} {'x std(win)':>10}"
+    header = (f"{'model':>5} {'G':>3} {'cache':<34} {'bytes/token':>12} {'GiB/session':>12} {'sessions':>9} "
+              f"{'x std(win)':>10}")
     print(f"bf16, {args.memory_gib:g} GiB of cache, sessions of {args.session_len} tokens, block {args.block_size}")
     print(header)
     for r in rows:

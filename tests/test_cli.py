@@ -8,8 +8,9 @@ import pytest
 import torch
 from conftest import save_hf_causal
 
+from server.cli import generate_main
 from tpa_model import load_model
-from tpa_model.cli import convert_main, generate_main
+from tpa_model.cli import convert_main
 from tpa_model.generation import Sampling, generate
 from tpa_model.tokenizer import DEMO_CORPUS, GemmaTokenizer, train_sentencepiece
 

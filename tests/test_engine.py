@@ -183,3 +183,58 @@ def test_requests_that_cannot_fit_are_refused(model, tokenizer):
     with pytest.raises(ValueError, match="exceeds the maximum model length of 4096"):
         engine.add_request("huge", [2] * 4090, SamplingParams(max_tokens=10))
     assert all_free(engine) and not engine.has_unfinished()
+
+
+def image_request(tokenizer, model, text, n_images, seed):
+    from tpa_model.prompts import encode_chat_with_images
+
+    gen = torch.Generator().manual_seed(seed)
+    size = model.vision_config.image_size
+    pixels = torch.rand(n_images, 3, size, size, generator=gen) * 2 - 1
+    parts = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
+    ids = encode_chat_with_images(tokenizer, [{"role": "user", "content": parts}],
+                                  model.vision_config.mm_tokens_per_image)
+    return ids, pixels
+
+
+@pytest.mark.parametrize("budget", [5, 64])
+def test_images_in_the_engine_equal_the_contiguous_path(model, tokenizer, budget):
+    """Small budgets chunk the prompt, but never through an image; results equal one-at-a-time."""
+    reqs = {f"img{i}": image_request(tokenizer, model, f"Describe picture {i}.", 1 + i % 2, seed=i) for i in range(4)}
+    expected = {rid: generate(model, [ids], 10, pixel_values=pv)[0] for rid, (ids, pv) in reqs.items()}
+    engine = make_engine(model, tokenizer, max_num_batched_tokens=budget)
+    params = SamplingParams(max_tokens=10, **GREEDY)
+    for rid, (ids, pv) in reqs.items():
+        engine.add_request(rid, ids, params, pixel_values=pv)
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+    assert done == expected
+    assert all_free(engine)
+
+
+def test_image_prefix_sharing_keys_on_pixels(model, tokenizer):
+    ids, pv = image_request(tokenizer, model, "What is this? " * 6, 1, seed=1)
+    params = SamplingParams(max_tokens=4, **GREEDY)
+    engine = make_engine(model, tokenizer)
+    engine.add_request("first", ids, params, pixel_values=pv)
+    engine.step()
+    engine.add_request("same", ids, params, pixel_values=pv)
+    engine.add_request("other", ids, params, pixel_values=-pv)
+    engine.step()
+    assert engine.requests["same"][0].num_cached_prompt > 0
+    image_end = engine.requests["other"][0].images[0].start
+    assert engine.requests["other"][0].num_cached_prompt <= image_end  # nothing past the image is shared
+    while engine.has_unfinished():
+        engine.step()
+    assert all_free(engine)
+
+
+def test_image_count_mismatch_is_refused(model, tokenizer):
+    ids, pv = image_request(tokenizer, model, "Two?", 2, seed=2)
+    engine = make_engine(model, tokenizer)
+    with pytest.raises(ValueError, match="2 image placeholder"):
+        engine.add_request("x", ids, SamplingParams(), pixel_values=pv[:1])
+    assert not engine.has_unfinished()

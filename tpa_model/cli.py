@@ -1,4 +1,4 @@
-"""Command-line tools: tpa-convert and tpa-generate."""
+"""tpa-convert, and the argument helpers the other command-line tools share."""
 
 from __future__ import annotations
 
@@ -11,11 +11,8 @@ import torch
 
 from .checkpoint import CheckpointError
 from .convert import DEFAULT_ENERGY, reduce_rank
-from .generation import Sampling, generate
-from .image_processing import ImageError, ImageProcessorConfig, load_image, preprocess
 from .loader import load_model, save_model
-from .prompts import encode_chat_with_images
-from .tokenizer import ChatTemplateError, GemmaTokenizer
+from .tokenizer import GemmaTokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -81,67 +78,4 @@ def convert_main(argv: list[str] | None = None) -> int:
     cfg = model.config
     print(f"saved TPA checkpoint to {args.out} (k_rank={cfg.k_rank}, v_rank={cfg.v_rank}, "
           f"q_rank={cfg.tpa.q_rank or 'dense'}) in {time.perf_counter() - t0:.1f}s")
-    return 0
-
-
-def image_prompt(model, tokenizer: GemmaTokenizer, messages: list[dict], files: list[Path], pan_and_scan: bool):
-    """(pixel values, prompt ids) for a chat whose image parts are the given files, in order."""
-    vision = model.vision_config
-    if vision is None:
-        raise ValueError("this model has no vision tower; --image needs a multimodal Gemma 3 (4b or larger)")
-    images = [load_image(f) for f in files]
-    config = ImageProcessorConfig(image_size=vision.image_size, do_pan_and_scan=pan_and_scan)
-    pixel_values, crops = preprocess(images, config)
-    ids = encode_chat_with_images(tokenizer, messages, vision.mm_tokens_per_image, crops)
-    return pixel_values, ids
-
-
-def generate_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tpa-generate", description="One-shot generation from the command line.")
-    parser.add_argument("--model", default=None, help="model directory (default: the built-in demo model)")
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--system", default=None, help="optional system prompt")
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--image", action="append", default=[], type=Path,
-                        help="image file to show the model before the prompt (repeatable)")
-    parser.add_argument("--pan-and-scan", action="store_true", help="add pan-and-scan crops of wide images")
-    parser.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
-    add_model_args(parser)
-    args = parser.parse_args(argv)
-    try:
-        if args.model is None:
-            from .demo import demo_model_dir
-
-            path = demo_model_dir()
-        else:
-            path = Path(args.model)
-        model = load_model(path, k_rank=args.k_rank, v_rank=args.v_rank, dtype=resolve_dtype(args),
-                           device=args.device)
-        tokenizer = GemmaTokenizer.from_dir(path)
-        pixel_values = None
-        if args.raw:
-            prompt_ids = tokenizer.encode(args.prompt, add_bos=True)
-        else:
-            messages = [{"role": "system", "content": args.system}] if args.system else []
-            parts = [{"type": "image"} for _ in args.image] + [{"type": "text", "text": args.prompt}]
-            messages.append({"role": "user", "content": parts})
-            if args.image:
-                pixel_values, prompt_ids = image_prompt(model, tokenizer, messages, args.image, args.pan_and_scan)
-            else:
-                prompt_ids = tokenizer.encode_chat(messages)
-        t0 = time.perf_counter()
-        sampling = Sampling(args.temperature, args.top_p, args.top_k, args.seed)
-        out = generate(model, [prompt_ids], args.max_tokens, sampling, tokenizer.stop_token_ids,
-                       vocab_limit=tokenizer.vocab_size, pixel_values=pixel_values)[0]
-        elapsed = time.perf_counter() - t0
-    except (CheckpointError, ChatTemplateError, ImageError, OSError, ValueError) as e:
-        print(f"tpa-generate: error: {e}", file=sys.stderr)
-        return 1
-    print(tokenizer.decode(out))
-    print(f"[{len(prompt_ids)} prompt tokens, {len(out)} generated in {elapsed:.2f}s, model {path}]",
-          file=sys.stderr)
     return 0

@@ -87,6 +87,26 @@ class GemmaTPAModel(nn.Module):
             raise ValueError("this model has no vision tower; it cannot read images")
         return self.multi_modal_projector(self.vision_tower(pixel_values.to(self.device, self.dtype)))
 
+    def embed_with_images(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings, with each image's projected features in place of its soft tokens, in order."""
+        if self.image_token_id is None:
+            if pixel_values is not None:
+                raise ValueError("this model has no vision tower; it cannot read images")
+            return self.embed(input_ids)
+        is_image = input_ids == self.image_token_id
+        if self.image_token_id >= self.config.vocab_size:  # soft tokens outside the vocabulary
+            input_ids = input_ids.masked_fill(is_image, 0)
+        x = self.embed(input_ids)
+        if pixel_values is None:
+            return x
+        features = self.image_features(pixel_values)
+        if int(is_image.sum()) != features.shape[0] * features.shape[1]:
+            raise ValueError(
+                f"the prompt has {int(is_image.sum())} image tokens, but {features.shape[0]} image(s) "
+                f"need {features.shape[1]} each"
+            )
+        return x.masked_scatter(is_image.unsqueeze(-1), features.to(x.dtype))
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -95,28 +115,25 @@ class GemmaTPAModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         last_token_only: bool = False,
     ) -> torch.Tensor:
+        x = self.embed_with_images(input_ids, pixel_values)
         if self.image_token_id is None:
-            return self.forward_embeds(self.embed(input_ids), cache, last_token_only=last_token_only)
+            return self.forward_embeds(x, cache, last_token_only=last_token_only)
         is_image = input_ids == self.image_token_id
-        if self.image_token_id >= self.config.vocab_size:  # soft tokens outside the vocabulary
-            input_ids = input_ids.masked_fill(is_image, 0)
-        x = self.embed(input_ids)
-        if pixel_values is not None:
-            features = self.image_features(pixel_values)
-            if int(is_image.sum()) != features.shape[0] * features.shape[1]:
-                raise ValueError(
-                    f"the prompt has {int(is_image.sum())} image tokens, but {features.shape[0]} image(s) "
-                    f"need {features.shape[1]} each"
-                )
-            x = x.masked_scatter(is_image.unsqueeze(-1), features.to(x.dtype))
         start = cache.seq_len if cache is not None else 0
         extra = image_block_mask(is_image, start) if bool(is_image.any()) else None
         return self.forward_embeds(x, cache, last_token_only=last_token_only, extra_visible=extra)
 
-    def forward_paged(self, input_ids: torch.Tensor, ctx: PagedContext, logits_rows: torch.Tensor) -> torch.Tensor:
+    def forward_paged(
+        self,
+        input_ids: torch.Tensor,
+        ctx: PagedContext,
+        logits_rows: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """One packed forward over the paged cache: input_ids [N] are the new tokens of several sequences
-        (ctx says which); returns logits [len(logits_rows), vocab] for the rows that sample."""
-        x = self.embed(input_ids)[None]
+        (ctx says which); returns logits [len(logits_rows), vocab] for the rows that sample. pixel_values
+        hold, in order, the images whose soft tokens are among the new tokens."""
+        x = self.embed_with_images(input_ids, pixel_values)[None]
         ropes = {kind: rotary(ctx.positions, x.dtype) for kind, rotary in self.rotary.items()}
         for layer in self.layers:
             x = layer(x, ropes[layer.layer_type], None, ctx)

@@ -7,7 +7,7 @@ belongs to which sequence) lives with the scheduler; this module only sees block
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -64,6 +64,7 @@ class SequenceChunk:
     start: int
     length: int
     block_tables: dict[str, list[int]]  # group -> block table (entries < 0: dropped by the window)
+    image_spans: list[tuple[int, int]] = field(default_factory=list)  # [a, b) positions of images in the chunk
 
 
 class PagedContext:
@@ -111,6 +112,18 @@ class PagedContext:
             mask[row, 0, 0, :n] = True
         return index, mask
 
+    def _image_visibility(self, i: int, group: str) -> torch.Tensor | None:
+        """Tokens of one image see each other both ways; the scheduler never splits an image."""
+        spans = self.chunks[i].image_spans
+        if not spans:
+            return None
+        q_pos = self.positions[self.offsets[i] : self.offsets[i + 1]]
+        k_pos = self.key_pos[group][i]
+        visible = torch.zeros(len(q_pos), len(k_pos), dtype=torch.bool, device=q_pos.device)
+        for a, b in spans:
+            visible |= ((q_pos >= a) & (q_pos < b))[:, None] & ((k_pos >= a) & (k_pos < b))[None, :]
+        return visible[None, None]
+
     def attend(self, layer: int, q: torch.Tensor, new: Factors, mask, scale: float) -> torch.Tensor:
         """q: [1, H, N, d] for the N packed new tokens; new: their factors [1, N, R, *]. Returns [1, H, N, d]."""
         group = self.cache.group_of_layer[layer]
@@ -131,7 +144,8 @@ class PagedContext:
             kv = Factors(store.a_k[keys][None], store.b_k[keys][None], store.a_v[keys][None], store.b_v[keys][None])
             k, v = kv.materialize()
             global_mask, sliding_mask = attention_masks(
-                self.positions[lo:hi], self.key_pos[group][i], self.cache.config.sliding_window
+                self.positions[lo:hi], self.key_pos[group][i], self.cache.config.sliding_window,
+                self._image_visibility(i, group),
             )
             m = sliding_mask if group == SLIDING else global_mask
             out[:, :, lo:hi] = dense_attention(q[:, :, lo:hi], k, v, m, scale)

@@ -17,7 +17,7 @@ from tpa_model.tokenizer import GemmaTokenizer
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
 from .sampling import SamplingParams, make_generator, sample
-from .scheduler import Scheduler, Sequence, Status
+from .scheduler import ImageInput, Scheduler, Sequence, Status
 
 log = logging.getLogger("gemma_tpa.engine")
 
@@ -111,8 +111,43 @@ class LLMEngine:
 
     # -- requests ---------------------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Queue a request; raises ValueError (CapacityError) at once if it can never run."""
+    def image_inputs(self, prompt_ids: list[int], pixel_values: torch.Tensor | None) -> list[ImageInput]:
+        """Pair each run of image soft tokens in the prompt with its image, checking that they match."""
+        token = self.model.image_token_id
+        runs, pos = [], 0
+        while token is not None and pos < len(prompt_ids):
+            if prompt_ids[pos] == token:
+                end = pos
+                while end < len(prompt_ids) and prompt_ids[end] == token:
+                    end += 1
+                runs.append((pos, end))
+                pos = end
+            else:
+                pos += 1
+        num_images = 0 if pixel_values is None else len(pixel_values)
+        if num_images and self.model.vision_config is None:
+            raise ValueError("this model has no vision tower; it cannot read images")
+        if len(runs) != num_images:
+            raise ValueError(f"the prompt has {len(runs)} image placeholder(s) but {num_images} image(s) were given")
+        per_image = self.model.vision_config.mm_tokens_per_image if runs else 0
+        images = []
+        for (a, b), pv in zip(runs, pixel_values if num_images else []):
+            if b - a != per_image:
+                raise ValueError(f"an image takes {per_image} soft tokens, but the prompt has a run of {b - a}")
+            key = hash((pv.shape, pv.detach().cpu().numpy().tobytes()))
+            images.append(ImageInput(a, b, pv, key))
+        return images
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        pixel_values: torch.Tensor | None = None,
+    ) -> None:
+        """Queue a request; raises ValueError (CapacityError) at once if it can never run.
+
+        pixel_values [num_images, 3, size, size] fill the prompt's image soft-token runs in order."""
         params.validate()
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -124,11 +159,12 @@ class LLMEngine:
                 f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds the maximum "
                 f"model length of {self.max_model_len} tokens"
             )
+        images = self.image_inputs(prompt_ids, pixel_values)
         seqs = []
         for i in range(params.n):
             seed = None if params.seed is None else params.seed + i
             seq = Sequence(f"{request_id}#{i}", request_id, i, list(prompt_ids), params,
-                           generator=make_generator(seed, self.model.device))
+                           generator=make_generator(seed, self.model.device), images=images)
             self.scheduler.add(seq)
             self.detokenizers[seq.seq_id] = IncrementalDetokenizer(
                 self.tokenizer, params.stop, skip_special_tokens=params.skip_special_tokens
@@ -163,15 +199,17 @@ class LLMEngine:
         input_ids = torch.tensor(
             [t for c in chunks for t in c.seq.token_ids[c.start : c.start + c.length]], dtype=torch.long, device=device
         )
-        ctx = PagedContext(
-            self.cache,
-            [SequenceChunk(c.start, c.length, {g: m.tables[c.seq.seq_id] for g, m in self.managers.items()})
-             for c in chunks],
-            device,
-        )
+        seq_chunks, pixels = [], []
+        for c in chunks:
+            images = [im for im in c.seq.images if c.start <= im.start and im.end <= c.start + c.length]
+            pixels += [im.pixel_values for im in images]
+            tables = {g: m.tables[c.seq.seq_id] for g, m in self.managers.items()}
+            seq_chunks.append(SequenceChunk(c.start, c.length, tables, [(im.start, im.end) for im in images]))
+        ctx = PagedContext(self.cache, seq_chunks, device)
         sampling = [i for i, c in enumerate(chunks) if c.samples]
         rows = torch.tensor([ctx.offsets[i + 1] - 1 for i in sampling], dtype=torch.long, device=device)
-        logits = self.model.forward_paged(input_ids, ctx, rows).float()
+        pixel_values = torch.stack(pixels) if pixels else None
+        logits = self.model.forward_paged(input_ids, ctx, rows, pixel_values).float()
         for c in chunks:
             self.scheduler.advance(c)
         if not sampling:

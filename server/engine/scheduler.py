@@ -29,6 +29,16 @@ class Status(enum.Enum):
 _arrivals = itertools.count()
 
 
+@dataclass
+class ImageInput:
+    """One image of a prompt: its soft tokens occupy positions [start, end)."""
+
+    start: int
+    end: int
+    pixel_values: torch.Tensor  # [3, size, size]
+    key: int  # content hash: two prompts share cache blocks only if their images are the same
+
+
 @dataclass(eq=False)
 class Sequence:
     seq_id: str
@@ -45,10 +55,31 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: str | None = None
     arrival: int = field(default_factory=lambda: next(_arrivals))
+    images: list[ImageInput] = field(default_factory=list)
 
     @property
     def token_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    def hash_ids(self, end: int) -> list[int]:
+        """Tokens [0, end) for prefix hashing, with each image's soft tokens keyed by its content."""
+        ids = self.token_ids[:end]
+        for image in self.images:
+            for pos in range(image.start, min(image.end, end)):
+                ids[pos] = image.key
+        return ids
+
+    def chunk_length(self, start: int, budget: int) -> int:
+        """Tokens to compute from `start`: within the budget, but never ending inside an image (one image's
+        tokens attend to each other, so they are computed together, even past the budget)."""
+        length = min(self.num_tokens - start, budget)
+        for image in self.images:
+            if image.start < start + length < image.end:
+                length = image.start - start if image.start > start else image.end - start
+        return length
+
+    def splits_image(self, pos: int) -> bool:
+        return any(image.start < pos < image.end for image in self.images)
 
     @property
     def num_tokens(self) -> int:
@@ -132,9 +163,11 @@ class Scheduler:
 
     def _take_prefix(self, seq: Sequence) -> None:
         """Start a new sequence on the longest cached prefix all groups can serve."""
-        hashes = block_hashes(seq.token_ids, self.block_size)
+        hashes = block_hashes(seq.hash_ids(seq.num_tokens), self.block_size)
         n_max = min(len(hashes), (seq.num_tokens - 1) // self.block_size)  # compute >= 1 token for logits
         for n in range(n_max, 0, -1):
+            if seq.splits_image(n * self.block_size):
+                continue
             if all(m.can_serve_prefix(hashes, n) for m in self.managers.values()):
                 shared = {g: m.blocks_to_share(hashes, n) for g, m in self.managers.items()}
                 if all(shared[g] <= m.num_free for g, m in self.managers.items()):
@@ -150,7 +183,7 @@ class Scheduler:
             if seq.status is not Status.RUNNING or budget == 0:
                 continue
             start = seq.num_computed
-            length = min(seq.num_tokens - start, budget)
+            length = seq.chunk_length(start, budget)
             while not self._fits(seq, start, start + length):
                 victim = max(self.running, key=lambda s: s.arrival)
                 self.preempt(victim)
@@ -161,14 +194,14 @@ class Scheduler:
                 continue
             self._extend(seq, start, start + length)
             chunks.append(ScheduledChunk(seq, start, length))
-            budget -= length
+            budget = max(budget - length, 0)
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq.num_computed == 0:
                 self._take_prefix(seq)
             start = seq.num_computed
-            length = min(seq.num_tokens - start, budget)
+            length = seq.chunk_length(start, budget)
             if not self._fits(seq, start, start + length):
                 if start > 0:  # give back the prefix blocks it took; it retries next step
                     self._free(seq)
@@ -182,6 +215,7 @@ class Scheduler:
             self.running.append(seq)
             chunks.append(ScheduledChunk(seq, start, length))
             budget -= length
+            budget = max(budget, 0)
         return chunks
 
     # -- after the forward ------------------------------------------------------------------------------
@@ -190,7 +224,7 @@ class Scheduler:
         """The chunk's factors are in the cache: publish full blocks, drop what slid out of the window."""
         seq = chunk.seq
         seq.num_computed = chunk.start + chunk.length
-        hashes = block_hashes(seq.token_ids[: seq.num_computed], self.block_size)
+        hashes = block_hashes(seq.hash_ids(seq.num_computed), self.block_size)
         for m in self.managers.values():
             m.register_full_blocks(seq.seq_id, hashes, seq.num_computed)
             m.slide(seq.seq_id, seq.num_computed)
