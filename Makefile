@@ -8,7 +8,7 @@ install:
 	$(PIP) -e '.[test]'
 
 serve: install
-	tpa-generate --prompt "Why is the sky blue?" --max-tokens 32
+	tpa-serve --host 127.0.0.1 --port 8000
 
 test: install
 	$(PYTHON) -m ruff check .

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -94,3 +97,93 @@ def generate_main(argv: list[str] | None = None) -> int:
     print(f"[{len(prompt_ids)} prompt tokens, {len(out)} generated in {elapsed:.2f}s, model {path}]",
           file=sys.stderr)
     return 0
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tpa-serve", description="OpenAI-compatible server for Gemma 3 with TPA.")
+    p.add_argument("--model", default=None, help="HF Gemma 3 or TPA checkpoint directory (default: the demo model)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    add_model_args(p)
+    p.add_argument("--max-num-seqs", type=int, default=64, help="most sequences decoded together")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
+    p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output (default: model's)")
+    p.add_argument("--cache-memory", type=float, default=None,
+                   help="factor cache size in GiB (default: 90%% of free GPU memory; 1 GiB on CPU)")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--max-waiting", type=int, default=1024, help="queued sequences before answering 503")
+    p.add_argument("--api-key", default=os.environ.get("TPA_API_KEY"),
+                   help="require this bearer token on /v1/ routes (default: $TPA_API_KEY)")
+    p.add_argument("--served-model-name", default=None, help="model id clients send (default: directory name)")
+    p.add_argument("--disable-remote-images", action="store_true", help="accept only data: URLs for images")
+    p.add_argument("--graceful-timeout", type=float, default=30.0,
+                   help="seconds running requests get to finish after SIGTERM")
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+def build_server(args: argparse.Namespace):
+    """(FastAPI app, AsyncEngine) from parsed tpa-serve arguments."""
+    from .api import ServerSettings, create_app
+    from .engine.async_engine import AsyncEngine
+
+    if args.model is None:
+        from tpa_model.demo import demo_model_dir
+
+        path, args.device = demo_model_dir(), "cpu"  # the demo model always runs on the CPU
+    else:
+        path = Path(args.model)
+    model = load_model(path, k_rank=args.k_rank, v_rank=args.v_rank, dtype=resolve_dtype(args), device=args.device)
+    tokenizer = GemmaTokenizer.from_dir(path)
+    config = EngineConfig(
+        block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+        cache_memory_gib=args.cache_memory, prefix_caching=not args.no_prefix_caching,
+    )
+    engine = LLMEngine(model, tokenizer, config)
+    async_engine = AsyncEngine(engine, max_waiting=args.max_waiting)
+    name = args.served_model_name or (path.name if args.model else "gemma-tpa-demo")
+    settings = ServerSettings(model_name=name, max_model_len=engine.max_model_len, api_key=args.api_key,
+                              allow_remote_images=not args.disable_remote_images,
+                              drain_timeout=args.graceful_timeout)
+    return create_app(async_engine, tokenizer, settings), async_engine
+
+
+def serve_main(argv: list[str] | None = None) -> int:
+    import logging
+
+    import uvicorn
+
+    args = serve_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        app, _ = build_server(args)
+    except (CheckpointError, OSError, ValueError) as e:
+        print(f"tpa-serve: error: {e}", file=sys.stderr)
+        return 1
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.graceful_timeout)
+    server = GracefulServer(config)
+    server.run()
+    return 0
+
+
+class GracefulServer:
+    """uvicorn, but SIGTERM/SIGINT end in exit status 0: stop accepting, let open requests finish within the
+    graceful timeout, then the app's lifespan drains and stops the engine. (uvicorn itself re-raises the
+    signal after shutting down, which makes the process die by it.)"""
+
+    def __init__(self, config):
+        import uvicorn
+
+        self.server = uvicorn.Server(config)
+        self.server.capture_signals = contextlib.nullcontext  # our handlers below, not uvicorn's re-raise
+
+    def run(self) -> None:
+        def stop(*_):
+            self.server.should_exit = True
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, stop)
+        self.server.run()

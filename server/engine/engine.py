@@ -41,6 +41,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
+    queue_seconds: float | None = None  # arrival to first scheduling, of the request's first sample
 
 
 @dataclass
@@ -265,7 +266,9 @@ class LLMEngine:
                 top_logprobs=list(seq.top_logprobs) if seq.params.logprobs is not None else None,
             ))
         finished = all(s.status is Status.FINISHED for s in seqs)
-        out = RequestOutput(request_id, seqs[0].prompt_ids, outputs, finished, seqs[0].num_cached_prompt)
+        first = seqs[0]
+        queued = None if first.first_scheduled_time is None else first.first_scheduled_time - first.arrival_time
+        out = RequestOutput(request_id, first.prompt_ids, outputs, finished, first.num_cached_prompt, queued)
         if finished:
             del self.requests[request_id]
             for s in seqs:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -55,6 +56,8 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: str | None = None
     arrival: int = field(default_factory=lambda: next(_arrivals))
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None
     images: list[ImageInput] = field(default_factory=list)
 
     @property
@@ -210,6 +213,8 @@ class Scheduler:
             if start > 0 and not seq.output_ids and not seq.num_cached_prompt:
                 seq.num_cached_prompt = start
             self.waiting.popleft()
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.monotonic()
             self._extend(seq, start, start + length)
             seq.status = Status.RUNNING
             self.running.append(seq)

@@ -1,0 +1,295 @@
+"""The OpenAI-compatible server, run for real: uvicorn on a loopback port, the official openai SDK as client."""
+
+import asyncio
+import base64
+import io
+import json
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from server.cli import build_server, serve_parser
+
+MODEL = "gemma-tpa-demo"
+
+
+class LiveServer:
+    def __init__(self, argv):
+        import uvicorn
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.app, self.engine = build_server(serve_parser().parse_args([*argv, "--port", str(self.port)]))
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    def idle(self, timeout=10.0) -> bool:
+        """No request in the engine and every cache block free."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            s = self.engine.stats()
+            if s.num_running == 0 and s.num_waiting == 0 and all(u == 0 for u, _ in s.block_usage.values()):
+                return True
+            time.sleep(0.05)
+        return False
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    import os
+
+    os.environ["GEMMA_TPA_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    server = LiveServer(["--cache-memory", "0.05", "--max-num-seqs", "16"])
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(live):
+    return openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+
+
+def chat(client, content="Tell me about caches.", **kw):
+    kw.setdefault("max_tokens", 8)
+    return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}], **kw)
+
+
+def png_data_url(color=(200, 30, 30), size=(37, 21)) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_models_and_health(live, client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL] and models.data[0].owned_by == "gemma-tpa"
+    assert httpx.get(live.url + "/health").status_code == 200
+
+
+def test_completion(client):
+    r = chat(client, temperature=0, extra_body={"ignore_eos": True})
+    assert r.id.startswith("chatcmpl-") and r.object == "chat.completion" and r.model == MODEL
+    assert r.choices[0].message.role == "assistant" and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 8
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 8 and r.usage.prompt_tokens > 5
+
+
+def test_streaming_matches_non_streamed(client):
+    kw = dict(temperature=0.9, seed=11, max_tokens=12, extra_body={"ignore_eos": True})
+    plain = chat(client, **kw)
+    chunks = list(chat(client, stream=True, stream_options={"include_usage": True}, **kw))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.model_dump() == plain.usage.model_dump()
+    assert text == plain.choices[0].message.content
+
+
+def test_raw_sse_framing(live):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", live.url + "/v1/chat/completions", json=body, timeout=30) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        raw = r.read().decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    for event in events[:-2]:
+        assert event.startswith("data: ") and "\n" not in event
+        assert json.loads(event[6:])["object"] == "chat.completion.chunk"
+
+
+def test_image_as_data_url(client):
+    text_only = chat(client, content="What is this?", max_tokens=3)
+    r = client.chat.completions.create(model=MODEL, max_tokens=3, messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": png_data_url()}},
+        {"type": "text", "text": "What is this?"},
+    ]}])
+    # 4 soft tokens + <start_of_image>, <end_of_image> and the blank lines around them
+    assert r.usage.prompt_tokens > text_only.usage.prompt_tokens + 4
+    assert r.choices[0].message.content is not None
+
+
+def test_n_samples_and_seed(client):
+    r = chat(client, n=2, temperature=1.0, seed=3, max_tokens=6, extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in r.choices) == [0, 1] and r.usage.completion_tokens == 12
+    again = chat(client, n=2, temperature=1.0, seed=3, max_tokens=6, extra_body={"ignore_eos": True})
+    assert [c.message.content for c in r.choices] == [c.message.content for c in again.choices]
+
+
+def test_stop_string(client):
+    kw = dict(temperature=0, max_tokens=16, extra_body={"ignore_eos": True})
+    full = chat(client, **kw).choices[0].message.content
+    stop = full[3:6]
+    assert len(stop) == 3
+    r = chat(client, stop=[stop], **kw)
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].message.content == full[: full.index(stop)]
+
+
+def test_logprobs(client):
+    r = chat(client, temperature=0, logprobs=True, top_logprobs=3, max_tokens=4, extra_body={"ignore_eos": True})
+    content = r.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(c.top_logprobs) == 3 for c in content)
+    assert all(c.logprob == pytest.approx(c.top_logprobs[0].logprob, abs=1e-5) for c in content)  # greedy
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(max_tokens=100_000), "plus max_tokens \\(100000\\) is"),
+    (dict(temperature=5.0), "temperature"),
+    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools is not supported"),
+    (dict(response_format={"type": "json_object"}), "response_format"),
+    (dict(n=0), "n"),
+])
+def test_bad_requests_are_400(client, live, kw, match):
+    with pytest.raises(openai.BadRequestError, match=match) as info:
+        chat(client, **kw)
+    body = info.value.body
+    assert set(body) >= {"message", "type", "param", "code"}
+    assert live.idle()
+
+
+def test_validation_error_names_the_field(live):
+    r = httpx.post(live.url + "/v1/chat/completions", json={"model": MODEL, "messages": "nope"})
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "messages"
+
+
+def test_bad_image_is_400(client):
+    not_an_image = "data:image/png;base64," + base64.b64encode(b"x" * 50).decode()
+    with pytest.raises(openai.BadRequestError, match="not an image"):
+        client.chat.completions.create(model=MODEL, max_tokens=3, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": not_an_image}},
+        ]}])
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_api_key(tmp_path):
+    server = LiveServer(["--cache-memory", "0.02", "--api-key", "s3cret"])
+    try:
+        bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            chat(bad)
+        good = openai.OpenAI(base_url=server.url + "/v1", api_key="s3cret", max_retries=0)
+        assert chat(good).choices[0].message is not None
+        assert httpx.get(server.url + "/health").status_code == 200  # health needs no key
+    finally:
+        server.stop()
+
+
+def test_sixteen_concurrent_streams(live):
+    async def one(client, i):
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": f"Story number {i}"}], max_tokens=10 + i,
+            stream=True, extra_body={"ignore_eos": True}, stream_options={"include_usage": True})
+        usage = None
+        async for chunk in stream:
+            usage = chunk.usage or usage
+        return usage.completion_tokens
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=live.url + "/v1", api_key="x", max_retries=0)
+        return await asyncio.gather(*(one(client, i) for i in range(16)))
+
+    assert asyncio.run(main()) == [10 + i for i in range(16)]
+    assert live.idle()
+
+
+def test_disconnect_mid_stream_frees_everything(live):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "go on forever"}], "max_tokens": 3000,
+            "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", live.url + "/v1/chat/completions", json=body, timeout=30) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i >= 6:
+                break
+        assert live.engine.stats().num_running == 1
+    assert live.idle(), "the aborted request still holds the engine or cache blocks"
+    metrics = httpx.get(live.url + "/metrics").text
+    assert "gemma_tpa_requests_running 0.0" in metrics
+    assert "gemma_tpa_time_to_first_token_seconds_count" in metrics
+
+
+def test_metrics_count_tokens(live, client):
+    before = httpx.get(live.url + "/metrics").text
+    chat(client, max_tokens=5, extra_body={"ignore_eos": True})
+    after = httpx.get(live.url + "/metrics").text
+
+    def value(text, name):
+        return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+
+    assert value(after, "gemma_tpa_generation_tokens_total") - value(before, "gemma_tpa_generation_tokens_total") == 5
+    for name in ("gemma_tpa_cache_usage", "gemma_tpa_prefix_cache_hits_total", "gemma_tpa_preemptions_total",
+                 "gemma_tpa_prompt_tokens_total", "gemma_tpa_inter_token_latency_seconds_count",
+                 "gemma_tpa_e2e_request_latency_seconds_count", "gemma_tpa_queue_time_seconds_count",
+                 "gemma_tpa_requests_waiting"):
+        assert name in after
+
+
+def dockerfile_entrypoint() -> list[str]:
+    from pathlib import Path
+
+    line = next(x for x in (Path(__file__).parents[1] / "Dockerfile").read_text().splitlines()
+                if x.startswith("ENTRYPOINT"))
+    return json.loads(line.removeprefix("ENTRYPOINT"))
+
+
+def test_sigterm_lets_running_requests_finish(tmp_path):
+    """The Dockerfile's entrypoint, run directly: it serves the demo model; SIGTERM stops accepting, the
+    open stream completes, and the process exits 0."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "GEMMA_TPA_CACHE": os.environ.get("GEMMA_TPA_CACHE", str(tmp_path))}
+    entrypoint = dockerfile_entrypoint()
+    assert entrypoint[0] == "tpa-serve"
+    proc = subprocess.Popen([shutil.which("tpa-serve"), *entrypoint[1:], "--port", str(port), "--cache-memory", "0.02"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert time.time() < deadline and proc.poll() is None, "tpa-serve did not come up"
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200,
+                "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            next(lines)
+            proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]"
+        assert '"finish_reason": "length"' in "".join(rest)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
