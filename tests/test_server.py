@@ -343,3 +343,30 @@ def test_remote_images_can_be_turned_off(image_host):
                 {"type": "image_url", "image_url": {"url": image_host + "/pic.png"}}]}])
     finally:
         server.stop()
+
+
+def test_engine_death_mid_stream_is_an_error_event_and_health_503():
+    server = LiveServer(["--cache-memory", "0.02"])
+    try:
+        engine = server.engine.engine
+        real_step, calls = engine.step, []
+
+        def failing_step():
+            calls.append(1)
+            if len(calls) > 3:
+                raise RuntimeError("simulated device failure")
+            return real_step()
+
+        engine.step = failing_step
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50,
+                "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30) as r:
+            assert r.status_code == 200
+            events = [line for line in r.iter_lines() if line]
+        last = json.loads(events[-1].removeprefix("data: "))
+        assert set(last["error"]) == {"message", "type", "param", "code"}
+        assert httpx.get(server.url + "/health").status_code == 503
+        r = httpx.post(server.url + "/v1/chat/completions", json={**body, "stream": False}, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
+    finally:
+        server.stop()
