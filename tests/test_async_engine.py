@@ -158,11 +158,11 @@ def test_requests_that_can_never_run_fail_alone(engine):
     async def main():
         ae = AsyncEngine(engine)
         ae.start()
-        too_long = [2] + [10] * 5000  # past max_model_len (4096)
+        too_long = [2] + [10] * 5000  # past max_model_len (the 64 * 4 tokens the global layers' cache holds)
         with pytest.raises(ValueError, match="maximum model length"):
             await collect(ae.generate(too_long, greedy(4)))
-        with pytest.raises(CapacityError):  # fits the model length, not the 64 * 4 token cache
-            await ae.submit([2] + [10] * 300, greedy(4))
+        with pytest.raises(CapacityError):  # fits the model length, not the sliding layers' 64 blocks
+            await ae.submit([2] + [10] * 249, greedy(4))
         with pytest.raises(ParamError):
             await collect(ae.generate([2, 10], SamplingParams(temperature=5.0)))
         with pytest.raises(ValueError, match="token ids"):

@@ -177,12 +177,25 @@ def test_n_samples_and_offline_api(demo_dir):
 
 
 def test_requests_that_cannot_fit_are_refused(model, tokenizer):
-    engine = make_engine(model, tokenizer, global_blocks=8, max_model_len=4096)
-    with pytest.raises(ValueError, match="cache blocks on full_attention layers"):
+    # 8 global blocks of 4 tokens: one sequence can never exceed 32 tokens, so max_model_len is lowered to that
+    engine = make_engine(model, tokenizer, global_blocks=8, sliding_blocks=6, max_model_len=4096)
+    assert engine.max_model_len == 32
+    with pytest.raises(ValueError, match=r"the prompt \(41 tokens\) fills the maximum model length of 32"):
         engine.add_request("big", prompts(1, lo=40, hi=41)[0], SamplingParams(max_tokens=2))
-    with pytest.raises(ValueError, match="exceeds the maximum model length of 4096"):
-        engine.add_request("huge", [2] * 4090, SamplingParams(max_tokens=10))
+    with pytest.raises(ValueError, match=r"plus max_tokens \(10\) exceeds the maximum model length of 32"):
+        engine.add_request("long", [2] * 25, SamplingParams(max_tokens=10))
+    # the sliding layers' pool (6 blocks) cannot hold a 16-token window plus a 64-token prefill chunk
+    with pytest.raises(ValueError, match="cache blocks on sliding_attention layers"):
+        engine.add_request("chunky", [2] * 30, SamplingParams(max_tokens=2))
     assert all_free(engine) and not engine.has_unfinished()
+
+
+def test_a_lone_sequence_can_always_finish(model, tokenizer):
+    """A request admitted alone always completes: the cache holds max_model_len tokens for it."""
+    engine = make_engine(model, tokenizer, global_blocks=10, sliding_blocks=30, max_num_batched_tokens=8)
+    done = run(engine, {"x": ([2, 5, 6], SamplingParams(max_tokens=None, **GREEDY))})
+    assert len(done["x"].outputs[0].token_ids) == engine.max_model_len - 3 == 37
+    assert done["x"].outputs[0].finish_reason == "length"
 
 
 def image_request(tokenizer, model, text, n_images, seed):

@@ -102,6 +102,12 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.managers, cfg.block_size, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len
         )
+        longest = num_blocks[GLOBAL] * cfg.block_size if GLOBAL in text.layer_types else self.max_model_len
+        if longest < self.max_model_len:
+            log.warning("the factor cache holds %d tokens; lowering max_model_len from %d to %d",
+                        longest, self.max_model_len, longest)
+            self.max_model_len = longest
+        self.scheduler.max_model_len = self.max_model_len
         self.capacity: CapacityReport = report_for_pools(self.cache, self.max_model_len)
         log.info("%s", self.capacity.format())
         self.eos_ids = frozenset(tokenizer.stop_token_ids) | frozenset(text.eos_token_id)
@@ -154,7 +160,10 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         if not prompt_ids:
             raise ValueError("the prompt is empty")
-        max_tokens = params.max_tokens or 1
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(f"the prompt ({len(prompt_ids)} tokens) fills the maximum model length of "
+                             f"{self.max_model_len} tokens")
+        max_tokens = params.max_tokens or self.max_model_len - len(prompt_ids)
         if len(prompt_ids) + max_tokens > self.max_model_len:
             raise ValueError(
                 f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds the maximum "
@@ -166,7 +175,7 @@ class LLMEngine:
             seed = None if params.seed is None else params.seed + i
             seq = Sequence(f"{request_id}#{i}", request_id, i, list(prompt_ids), params,
                            generator=make_generator(seed, self.model.device), images=images)
-            self.scheduler.add(seq)
+            self.scheduler.add(seq, len(prompt_ids) + max_tokens)
             self.detokenizers[seq.seq_id] = IncrementalDetokenizer(
                 self.tokenizer, params.stop, skip_special_tokens=params.skip_special_tokens
             )

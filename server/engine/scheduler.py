@@ -137,8 +137,9 @@ class Scheduler:
                     f"{m.pool.num_blocks}; give the server more cache memory or send a shorter prompt"
                 )
 
-    def add(self, seq: Sequence) -> None:
-        self.check_fits(seq.num_tokens + 1)
+    def add(self, seq: Sequence, max_total_tokens: int) -> None:
+        """Queue a sequence that may grow to max_total_tokens; refuse it now if it could never get there."""
+        self.check_fits(max_total_tokens)
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
