@@ -68,25 +68,29 @@ def pool_sessions(num_blocks: dict[str, int], layout: CacheLayout, config: TextC
 @dataclass
 class CapacityReport:
     cache_bytes: int
-    tokens: int  # tokens of context the global layers can hold
+    tokens: int  # tokens of context the global layers' pool holds
     session_len: int
-    sessions: int
-    standard_sessions: int  # a standard cache, same dtype and window handling, in the same memory
+    sessions: int  # sessions of session_len whose factors fit in cache_bytes
+    standard_sessions: int  # the same for a standard cache (same dtype, block size and window handling)
+    engine_limit: int  # sessions the engine runs at once: its pools and its max_num_seqs
     bytes_per_token_tpa: float
     bytes_per_token_standard: float
 
     def format(self) -> str:
         ratio = self.sessions / self.standard_sessions if self.standard_sessions else float("inf")
         return (
-            f"factor cache: {self.cache_bytes / 2**30:.3f} GiB, holds {self.tokens} tokens; "
-            f"{self.sessions} concurrent sessions of {self.session_len} tokens "
-            f"(a standard Gemma 3 cache in the same memory: {self.standard_sessions}; x{ratio:.2f}); "
-            f"bytes per token at that length: {self.bytes_per_token_tpa:.0f} vs {self.bytes_per_token_standard:.0f}"
+            f"factor cache: {self.cache_bytes / 2**30:.3f} GiB holding {self.tokens} tokens; this memory fits "
+            f"{self.sessions} sessions of {self.session_len} tokens with TPA factors against "
+            f"{self.standard_sessions} with a standard Gemma 3 cache (x{ratio:.2f}; "
+            f"{self.bytes_per_token_tpa:.0f} vs {self.bytes_per_token_standard:.0f} bytes per token); "
+            f"the engine runs up to {self.engine_limit} at once"
         )
 
 
-def report_for_pools(cache: PagedFactorCache, session_len: int) -> CapacityReport:
-    """Capacity of an allocated paged factor cache, next to a standard cache in the same memory."""
+def report_for_pools(cache: PagedFactorCache, session_len: int, max_num_seqs: int) -> CapacityReport:
+    """Capacity of an allocated paged factor cache, next to a standard cache in the same memory.
+
+    Both layouts' block sizes are read off allocated tensors and counted the same way."""
     config, bs = cache.config, cache.block_size
     dtype = cache.layers[0].a_k.dtype
     tpa = CacheLayout("TPA", bs, {g: cache.bytes_per_block(g) for g in (GLOBAL, SLIDING)}, True)
@@ -96,8 +100,9 @@ def report_for_pools(cache: PagedFactorCache, session_len: int) -> CapacityRepor
         cache_bytes=total,
         tokens=cache.num_blocks[GLOBAL] * bs,
         session_len=session_len,
-        sessions=pool_sessions(cache.num_blocks, tpa, config, session_len),
+        sessions=sessions_in_memory(tpa, config, total, session_len),
         standard_sessions=sessions_in_memory(std, config, total, session_len),
+        engine_limit=min(max_num_seqs, pool_sessions(cache.num_blocks, tpa, config, session_len)),
         bytes_per_token_tpa=session_bytes(tpa, config, session_len) / session_len,
         bytes_per_token_standard=session_bytes(std, config, session_len) / session_len,
     )

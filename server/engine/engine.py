@@ -108,7 +108,7 @@ class LLMEngine:
                         longest, self.max_model_len, longest)
             self.max_model_len = longest
         self.scheduler.max_model_len = self.max_model_len
-        self.capacity: CapacityReport = report_for_pools(self.cache, self.max_model_len)
+        self.capacity: CapacityReport = report_for_pools(self.cache, self.max_model_len, cfg.max_num_seqs)
         log.info("%s", self.capacity.format())
         self.eos_ids = frozenset(tokenizer.stop_token_ids) | frozenset(text.eos_token_id)
         self.requests: dict[str, list[Sequence]] = {}
