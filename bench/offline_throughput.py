@@ -15,7 +15,7 @@ import torch
 
 from server.engine.engine import EngineConfig
 from server.engine.llm import LLM
-from server.engine.sampling import SamplingParams
+from tpa_model.sampling import SamplingParams
 
 
 def timed(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> tuple[float, int, list]:

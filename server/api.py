@@ -18,11 +18,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tpa_model.image_processing import ImageError, ImageProcessorConfig, load_image, preprocess
 from tpa_model.prompts import encode_chat_with_images
+from tpa_model.sampling import ParamError, SamplingParams
 from tpa_model.tokenizer import ChatTemplateError, GemmaTokenizer
 
 from .engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 from .engine.engine import RequestOutput
-from .engine.sampling import ParamError, SamplingParams
 from .images import fetch_image
 from .metrics import Metrics
 from .protocol import (

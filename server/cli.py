@@ -16,10 +16,10 @@ from tpa_model.config import GLOBAL, SLIDING
 from tpa_model.image_processing import ImageError, ImageProcessorConfig, load_image, preprocess
 from tpa_model.loader import load_model
 from tpa_model.prompts import encode_chat_with_images
+from tpa_model.sampling import SamplingParams
 from tpa_model.tokenizer import ChatTemplateError, GemmaTokenizer
 
 from .engine.engine import EngineConfig, LLMEngine
-from .engine.sampling import SamplingParams
 
 
 def image_prompt(model, tokenizer: GemmaTokenizer, messages: list[dict], files: list[Path], pan_and_scan: bool):

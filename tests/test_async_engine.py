@@ -8,11 +8,11 @@ import torch
 
 from server.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 from server.engine.engine import EngineConfig, LLMEngine
-from server.engine.sampling import ParamError, SamplingParams
 from server.engine.scheduler import CapacityError
 from tpa_model.config import GLOBAL, SLIDING
 from tpa_model.demo import build_demo
 from tpa_model.loader import load_model
+from tpa_model.sampling import ParamError, SamplingParams
 from tpa_model.tokenizer import GemmaTokenizer
 
 

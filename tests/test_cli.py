@@ -11,7 +11,8 @@ from conftest import save_hf_causal
 from server.cli import generate_main
 from tpa_model import load_model
 from tpa_model.cli import convert_main
-from tpa_model.generation import Sampling, generate
+from tpa_model.generation import generate
+from tpa_model.sampling import SamplingParams
 from tpa_model.tokenizer import DEMO_CORPUS, GemmaTokenizer, train_sentencepiece
 
 
@@ -64,11 +65,11 @@ def test_generate_matches_step_by_step_argmax(hf_dir):
 def test_seeded_sampling_is_reproducible_and_stops(hf_dir):
     model = load_model(hf_dir)
     prompt = [[2, 30, 31, 32]]
-    a = generate(model, prompt, 20, Sampling(temperature=1.0, top_p=0.9, top_k=50, seed=7))
-    b = generate(model, prompt, 20, Sampling(temperature=1.0, top_p=0.9, top_k=50, seed=7))
+    a = generate(model, prompt, 20, SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=7))
+    b = generate(model, prompt, 20, SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=7))
     assert a == b and len(a[0]) == 20
     stop = a[0][3]
-    stopped = generate(model, prompt, 20, Sampling(temperature=1.0, top_p=0.9, top_k=50, seed=7), {stop})
+    stopped = generate(model, prompt, 20, SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=7), {stop})
     assert stopped[0] == a[0][: a[0].index(stop) + 1]
 
 

@@ -5,11 +5,11 @@ import torch
 
 from server.engine.engine import EngineConfig, LLMEngine
 from server.engine.llm import LLM
-from server.engine.sampling import SamplingParams
 from tpa_model.config import GLOBAL, SLIDING
 from tpa_model.demo import build_demo
 from tpa_model.generation import generate
 from tpa_model.loader import load_model
+from tpa_model.sampling import SamplingParams
 from tpa_model.tokenizer import GemmaTokenizer
 
 BLOCK = 4

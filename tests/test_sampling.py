@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 import torch
 
-from server.engine.sampling import (
+from tpa_model.sampling import (
     ParamError,
     SamplingParams,
     apply_penalties,

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
+from tpa_model.sampling import SamplingParams
+
 from .engine import CompletionOutput, LLMEngine, RequestOutput
-from .sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 

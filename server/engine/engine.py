@@ -12,11 +12,11 @@ from tpa_model.capacity import CapacityReport, report_for_pools
 from tpa_model.config import GLOBAL, SLIDING
 from tpa_model.model import GemmaTPAModel
 from tpa_model.paged import PagedContext, PagedFactorCache, SequenceChunk, factor_shapes
+from tpa_model.sampling import SamplingParams, make_generator, sample
 from tpa_model.tokenizer import GemmaTokenizer
 
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
-from .sampling import SamplingParams, make_generator, sample
 from .scheduler import ImageInput, Scheduler, Sequence, Status
 
 log = logging.getLogger("gemma_tpa.engine")

@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 
 from tpa_model.loader import load_model
+from tpa_model.sampling import SamplingParams
 from tpa_model.tokenizer import GemmaTokenizer
 
 from .engine import EngineConfig, LLMEngine, RequestOutput
-from .sampling import SamplingParams
 
 Prompt = str | list[int] | list[dict]
 

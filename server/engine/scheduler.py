@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tpa_model.sampling import SamplingParams
+
 from .block_manager import BlockManager, block_hashes
-from .sampling import SamplingParams
 
 
 class Status(enum.Enum):
