@@ -251,3 +251,18 @@ def test_image_count_mismatch_is_refused(model, tokenizer):
     with pytest.raises(ValueError, match="2 image placeholder"):
         engine.add_request("x", ids, SamplingParams(), pixel_values=pv[:1])
     assert not engine.has_unfinished()
+
+
+def test_n_samples_share_the_prompt(model, tokenizer):
+    engine = make_engine(model, tokenizer)
+    prompt = prompts(1, seed=4, lo=40, hi=41)[0]
+    engine.add_request("n3", prompt, SamplingParams(n=3, max_tokens=5, temperature=1.0, seed=0, ignore_eos=True))
+    done = run(engine, {})
+    assert len(done["n3"].outputs) == 3
+    hits = engine.managers[GLOBAL].pool.hits
+    assert hits >= 2 * (len(prompt) // BLOCK - 1)  # samples 1 and 2 reuse sample 0's full prompt blocks
+    # and the tokens are what each seed gives on its own
+    for i, out in enumerate(done["n3"].outputs):
+        alone = run(make_engine(model, tokenizer, prefix_caching=False),
+                    {"x": (prompt, SamplingParams(max_tokens=5, temperature=1.0, seed=i, ignore_eos=True))})
+        assert alone["x"].outputs[0].token_ids == out.token_ids

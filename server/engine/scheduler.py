@@ -203,6 +203,8 @@ class Scheduler:
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if any(c.seq.request_id == seq.request_id and c.start < len(c.seq.prompt_ids) for c in chunks):
+                break  # a sibling sample is computing the shared prompt: start next step, on its cached blocks
             if seq.num_computed == 0:
                 self._take_prefix(seq)
             start = seq.num_computed
