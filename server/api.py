@@ -260,6 +260,7 @@ def create_app(engine: AsyncEngine, tokenizer: GemmaTokenizer, settings: ServerS
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
         sent_tokens = [0] * req.n
+        finished: set[int] = set()
         last = None
         try:
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -278,8 +279,10 @@ def create_app(engine: AsyncEngine, tokenizer: GemmaTokenizer, settings: ServerS
                                                                   c.top_logprobs[start:])
                         yield chunk([choice])
                     sent_tokens[c.index] = len(c.token_ids)
-            for c in last.outputs if last else []:
-                yield chunk([{"index": c.index, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason}])
+                    if c.finish_reason is not None and c.index not in finished:  # each choice ends as it finishes
+                        finished.add(c.index)
+                        yield chunk([{"index": c.index, "delta": {}, "logprobs": None,
+                                      "finish_reason": c.finish_reason}])
             if include_usage and last is not None:
                 completion_tokens = sum(len(c.token_ids) for c in last.outputs)
                 yield chunk([], usage=usage(len(last.prompt_token_ids), completion_tokens, last.num_cached_tokens))

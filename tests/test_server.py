@@ -127,6 +127,14 @@ def test_image_as_data_url(client):
     assert r.choices[0].message.content is not None
 
 
+def test_streamed_n_choices_each_finish(client):
+    chunks = list(chat(client, n=2, stream=True, max_tokens=5, temperature=1.0, seed=2,
+                       extra_body={"ignore_eos": True}))
+    finishes = [(c.choices[0].index, c.choices[0].finish_reason) for c in chunks
+                if c.choices and c.choices[0].finish_reason]
+    assert sorted(finishes) == [(0, "length"), (1, "length")]
+
+
 def test_n_samples_and_seed(client):
     r = chat(client, n=2, temperature=1.0, seed=3, max_tokens=6, extra_body={"ignore_eos": True})
     assert sorted(c.index for c in r.choices) == [0, 1] and r.usage.completion_tokens == 12
