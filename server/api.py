@@ -36,6 +36,9 @@ from .protocol import (
 )
 
 
+MAX_N = 128  # samples per request: more would let one request crowd out every other
+
+
 @dataclass
 class ServerSettings:
     model_name: str
@@ -172,6 +175,8 @@ def create_app(engine: AsyncEngine, tokenizer: GemmaTokenizer, settings: ServerS
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
             skip_special_tokens=req.skip_special_tokens,
         )
+        if req.n > MAX_N:
+            raise APIError(400, f"n must be at most {MAX_N}, got {req.n}", param="n")
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs to be true", param="top_logprobs")
         try:

@@ -165,6 +165,7 @@ def test_logprobs(client):
     (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools is not supported"),
     (dict(response_format={"type": "json_object"}), "response_format"),
     (dict(n=0), "n"),
+    (dict(n=1000), "n must be at most 128"),
 ])
 def test_bad_requests_are_400(client, live, kw, match):
     with pytest.raises(openai.BadRequestError, match=match) as info:
