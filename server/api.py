@@ -35,7 +35,6 @@ from .protocol import (
     usage,
 )
 
-
 MAX_N = 128  # samples per request: more would let one request crowd out every other
 
 
