@@ -21,6 +21,17 @@ class Factors:
     a_v: torch.Tensor
     b_v: torch.Tensor
 
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.a_k, self.b_k, self.a_v, self.b_v
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def select(self, index) -> Factors:
+        """The same factors indexed along their leading dimensions (a gather through cache slots)."""
+        return Factors(*(t[index] for t in self.tensors()))
+
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V as [B, G, T, d]: only for prefill, where attention is compute-bound anyway."""
         k = torch.einsum("btrg,btrd->bgtd", self.a_k, self.b_k)

@@ -37,15 +37,11 @@ class ContiguousFactorCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ):
-        G, d = config.num_key_value_heads, config.head_dim
-
-        def slab(rank: int, width: int) -> torch.Tensor:
-            return torch.zeros(batch_size, max_len, rank, width, dtype=dtype, device=device)
-
         self.max_len = max_len
         self.seq_len = 0
         self.layers = [
-            Factors(slab(config.k_rank, G), slab(config.k_rank, d), slab(config.v_rank, G), slab(config.v_rank, d))
+            Factors(*(torch.zeros(batch_size, max_len, r, w, dtype=dtype, device=device)
+                      for r, w in config.factor_shapes()))
             for _ in range(config.num_hidden_layers)
         ]
 
@@ -54,12 +50,9 @@ class ContiguousFactorCache:
         if end > self.max_len:
             raise ValueError(f"cache holds {self.max_len} tokens; cannot store up to position {end}")
         slabs = self.layers[layer]
-        out = []
-        for name in ("a_k", "b_k", "a_v", "b_v"):
-            buf = getattr(slabs, name)
-            buf[:, start:end] = getattr(new, name)
-            out.append(buf[:, :end])
-        return Factors(*out)
+        for buf, t in zip(slabs.tensors(), new.tensors()):
+            buf[:, start:end] = t
+        return Factors(*(buf[:, :end] for buf in slabs.tensors()))
 
     def attend(self, layer: int, q: torch.Tensor, new: Factors, mask: torch.Tensor, scale: float) -> torch.Tensor:
         return attend(q, self.update(layer, new), mask, scale)
@@ -70,7 +63,5 @@ class ContiguousFactorCache:
     def bytes_per_token(self, layer: int) -> int:
         """Measured from the allocated tensors: bytes one token occupies in one layer, per sequence."""
         slabs = self.layers[layer]
-        tensors = (slabs.a_k, slabs.b_k, slabs.a_v, slabs.b_v)
-        total = sum(t.numel() * t.element_size() for t in tensors)
         batch, max_len = slabs.a_k.shape[:2]
-        return total // (batch * max_len)
+        return slabs.nbytes // (batch * max_len)

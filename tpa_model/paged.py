@@ -17,12 +17,6 @@ from .config import GLOBAL, SLIDING, TextConfig
 GROUPS = (GLOBAL, SLIDING)
 
 
-def factor_shapes(config: TextConfig) -> list[tuple[int, int]]:
-    """(rank, width) of the four per-token factor tensors of one layer."""
-    G, d = config.num_key_value_heads, config.head_dim
-    return [(config.k_rank, G), (config.k_rank, d), (config.v_rank, G), (config.v_rank, d)]
-
-
 class PagedFactorCache:
     """Per layer, the four factor tensors of all blocks of its group: [num_blocks * block_size, R, width]."""
 
@@ -41,20 +35,16 @@ class PagedFactorCache:
         self.layers = []
         for group in self.group_of_layer:
             slots = self.num_blocks[group] * block_size
-            tensors = [torch.zeros(slots, r, w, dtype=dtype, device=device) for r, w in factor_shapes(config)]
+            tensors = [torch.zeros(slots, r, w, dtype=dtype, device=device) for r, w in config.factor_shapes()]
             self.layers.append(Factors(*tensors))
 
     def bytes_per_block(self, group: str) -> int:
         """Measured from the allocated tensors: one block of this group, all of its layers."""
-        total = 0
-        for layer, factors in enumerate(self.layers):
-            if self.group_of_layer[layer] == group:
-                tensors = (factors.a_k, factors.b_k, factors.a_v, factors.b_v)
-                total += sum(t.numel() * t.element_size() for t in tensors) // self.num_blocks[group]
-        return total
+        layers = [f for f, g in zip(self.layers, self.group_of_layer) if g == group]
+        return sum(f.nbytes // self.num_blocks[group] for f in layers)
 
     def total_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for f in self.layers for t in (f.a_k, f.b_k, f.a_v, f.b_v))
+        return sum(f.nbytes for f in self.layers)
 
 
 @dataclass
@@ -99,7 +89,10 @@ class PagedContext:
                 self.key_pos[group].append(torch.arange(lo, c.start + c.length, device=device))
         self.decode = [i for i, c in enumerate(chunks) if c.length == 1]
         self.prefill = [i for i, c in enumerate(chunks) if c.length > 1]
+        # what attention needs is the same for every layer of a group: build it once per forward
+        self.decode_rows = torch.tensor([self.offsets[i] for i in self.decode], dtype=torch.long, device=device)
         self.decode_index = {g: self._padded_keys(g, device) for g in GROUPS} if self.decode else {}
+        self.prefill_masks = {g: [self._prefill_mask(i, g) for i in self.prefill] for g in GROUPS}
 
     def _padded_keys(self, group: str, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode sequences' key slots padded to one length, and the mask that hides the padding."""
@@ -112,41 +105,34 @@ class PagedContext:
             mask[row, 0, 0, :n] = True
         return index, mask
 
-    def _image_visibility(self, i: int, group: str) -> torch.Tensor | None:
-        """Tokens of one image see each other both ways; the scheduler never splits an image."""
-        spans = self.chunks[i].image_spans
-        if not spans:
-            return None
+    def _prefill_mask(self, i: int, group: str) -> torch.Tensor:
+        """Causal (and windowed on sliding layers) mask of a prefill chunk; the tokens of one image see each
+        other both ways (the scheduler never splits an image)."""
         q_pos = self.positions[self.offsets[i] : self.offsets[i + 1]]
         k_pos = self.key_pos[group][i]
-        visible = torch.zeros(len(q_pos), len(k_pos), dtype=torch.bool, device=q_pos.device)
-        for a, b in spans:
-            visible |= ((q_pos >= a) & (q_pos < b))[:, None] & ((k_pos >= a) & (k_pos < b))[None, :]
-        return visible[None, None]
+        images = None
+        if self.chunks[i].image_spans:
+            images = torch.zeros(len(q_pos), len(k_pos), dtype=torch.bool, device=q_pos.device)
+            for a, b in self.chunks[i].image_spans:
+                images |= ((q_pos >= a) & (q_pos < b))[:, None] & ((k_pos >= a) & (k_pos < b))[None, :]
+            images = images[None, None]
+        global_mask, sliding_mask = attention_masks(q_pos, k_pos, self.cache.config.sliding_window, images)
+        return sliding_mask if group == SLIDING else global_mask
 
     def attend(self, layer: int, q: torch.Tensor, new: Factors, mask, scale: float) -> torch.Tensor:
         """q: [1, H, N, d] for the N packed new tokens; new: their factors [1, N, R, *]. Returns [1, H, N, d]."""
         group = self.cache.group_of_layer[layer]
         store = self.cache.layers[layer]
-        slots = self.new_slots[group]
-        for name in ("a_k", "b_k", "a_v", "b_v"):
-            getattr(store, name).index_copy_(0, slots, getattr(new, name)[0])
+        for buf, t in zip(store.tensors(), new.tensors()):
+            buf.index_copy_(0, self.new_slots[group], t[0])
         out = torch.empty_like(q)
         if self.decode:
             index, pad_mask = self.decode_index[group]
-            kv = Factors(store.a_k[index], store.b_k[index], store.a_v[index], store.b_v[index])
-            rows = torch.tensor([self.offsets[i] for i in self.decode], device=q.device)
+            rows = self.decode_rows
             q_dec = q[0, :, rows].transpose(0, 1).unsqueeze(2)  # [B, H, 1, d]
-            out[0, :, rows] = factor_attention(q_dec, kv, pad_mask, scale)[:, :, 0].transpose(0, 1)
-        for i in self.prefill:
+            out[0, :, rows] = factor_attention(q_dec, store.select(index), pad_mask, scale)[:, :, 0].transpose(0, 1)
+        for i, mask in zip(self.prefill, self.prefill_masks[group]):
             lo, hi = self.offsets[i], self.offsets[i + 1]
-            keys = self.key_slots[group][i]
-            kv = Factors(store.a_k[keys][None], store.b_k[keys][None], store.a_v[keys][None], store.b_v[keys][None])
-            k, v = kv.materialize()
-            global_mask, sliding_mask = attention_masks(
-                self.positions[lo:hi], self.key_pos[group][i], self.cache.config.sliding_window,
-                self._image_visibility(i, group),
-            )
-            m = sliding_mask if group == SLIDING else global_mask
-            out[:, :, lo:hi] = dense_attention(q[:, :, lo:hi], k, v, m, scale)
+            k, v = store.select(self.key_slots[group][i][None]).materialize()
+            out[:, :, lo:hi] = dense_attention(q[:, :, lo:hi], k, v, mask, scale)
         return out

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tpa_model.capacity import CapacityReport, report_for_pools
+from tpa_model.capacity import CapacityReport, report_for_pools, tpa_layout
 from tpa_model.config import GLOBAL, SLIDING
 from tpa_model.model import GemmaTPAModel
-from tpa_model.paged import PagedContext, PagedFactorCache, SequenceChunk, factor_shapes
+from tpa_model.paged import PagedContext, PagedFactorCache, SequenceChunk
 from tpa_model.sampling import SamplingParams, make_generator, sample
 from tpa_model.tokenizer import GemmaTokenizer
 
@@ -58,16 +58,13 @@ class EngineConfig:
 def plan_blocks(model: GemmaTPAModel, cfg: EngineConfig, cache_bytes: int) -> dict[str, int]:
     """Split the cache memory: sliding layers get the blocks their windows need, global layers the rest."""
     text = model.config
-    elem = torch.empty((), dtype=model.dtype).element_size()
-    token_bytes = sum(r * w for r, w in factor_shapes(text)) * elem
-    layers = {g: sum((t == GLOBAL) == (g == GLOBAL) for t in text.layer_types) for g in (GLOBAL, SLIDING)}
-    block_bytes = {g: layers[g] * cfg.block_size * token_bytes for g in layers}
+    block_bytes = tpa_layout(text, model.dtype, cfg.block_size).block_bytes  # read off the real layout
     window_blocks = math.ceil(text.sliding_window / cfg.block_size) + 1
     sliding = cfg.max_num_seqs * window_blocks + math.ceil(cfg.max_num_batched_tokens / cfg.block_size) + 1
-    sliding = sliding if layers[SLIDING] else 0
+    sliding = sliding if block_bytes[SLIDING] else 0
     left = cache_bytes - sliding * block_bytes[SLIDING]
-    global_blocks = left // block_bytes[GLOBAL] if layers[GLOBAL] else 0
-    if left < 0 or (layers[GLOBAL] and global_blocks < 1):
+    global_blocks = left // block_bytes[GLOBAL] if block_bytes[GLOBAL] else 0
+    if left < 0 or (block_bytes[GLOBAL] and global_blocks < 1):
         raise ValueError(
             f"{cache_bytes / 2**30:.3f} GiB of cache memory is too little: the sliding-window layers alone need "
             f"{sliding * block_bytes[SLIDING] / 2**30:.3f} GiB for {cfg.max_num_seqs} sequences"
