@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -125,13 +126,18 @@ class TensorFiles:
         self._handles.clear()
 
 
-def hf_language_prefix(keys: list[str] | set[str]) -> str:
-    keys = set(keys)
-    for prefix in LM_PREFIXES:
-        if prefix + "embed_tokens.weight" in keys:
-            return prefix
-    raise CheckpointError("no language model embeddings found (looked for " + ", ".join(
-        repr(p + "embed_tokens.weight") for p in LM_PREFIXES) + ")")
+def find_prefix(keys: Iterable[str], prefixes: Iterable[str], probe: str) -> str | None:
+    """The first prefix under which `probe` names a tensor of the checkpoint."""
+    names = set(keys)
+    return next((p for p in prefixes if p + probe in names), None)
+
+
+def hf_language_prefix(keys: Iterable[str]) -> str:
+    prefix = find_prefix(keys, LM_PREFIXES, "embed_tokens.weight")
+    if prefix is None:
+        looked = ", ".join(repr(p + "embed_tokens.weight") for p in LM_PREFIXES)
+        raise CheckpointError(f"no language model embeddings found (looked for {looked})")
+    return prefix
 
 
 def hf_name(our_name: str, lm_prefix: str) -> str | None:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import find_prefix
 from .config import ConfigError
 from .layers import RMSNorm
 
@@ -233,19 +234,11 @@ _VISION_PREFIXES = (
 _PROJECTOR_PREFIXES = ("multi_modal_projector.", "model.multi_modal_projector.")
 
 
-def _find_prefix(keys: Iterable[str], prefixes: tuple[str, ...], probe: str) -> str | None:
-    names = set(keys)
-    for prefix in prefixes:
-        if prefix + probe in names:
-            return prefix
-    return None
-
-
 def hf_vision_prefix(keys: Iterable[str]) -> str | None:
     """The prefix to strip from checkpoint tensor names to get VisionTower names; None if there is no tower."""
-    return _find_prefix(keys, _VISION_PREFIXES, "embeddings.patch_embedding.weight")
+    return find_prefix(keys, _VISION_PREFIXES, "embeddings.patch_embedding.weight")
 
 
 def hf_projector_prefix(keys: Iterable[str]) -> str | None:
     """The prefix to strip to get MultiModalProjector names; None if there is no projector."""
-    return _find_prefix(keys, _PROJECTOR_PREFIXES, "mm_input_projection_weight")
+    return find_prefix(keys, _PROJECTOR_PREFIXES, "mm_input_projection_weight")
