@@ -187,9 +187,26 @@ def test_config_round_trip():
     assert VisionConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 
-def test_config_rejects_pooling_head_and_bad_shapes():
-    with pytest.raises(ValueError, match="vision_use_head"):
-        VisionConfig.from_hf({"model_type": "gemma3", "vision_config": {"vision_use_head": True}})
+def test_a_declared_pooling_head_is_ignored(tmp_path):
+    """vision_use_head: true adds SigLIP's pooling head to the checkpoint; Gemma 3 never runs it."""
+    from tpa_model import load_model
+
+    config = tiny_hf_config()
+    config.vision_config.vision_use_head = True
+    torch.manual_seed(0)
+    ref = transformers.Gemma3ForConditionalGeneration(config).eval()
+    ref.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert any(".head." in key for key in f.keys())
+    ids = torch.tensor([[2, 297, 299, 299, 299, 299, 298, 5, 6]])
+    pixels = torch.rand(1, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = ref(input_ids=ids, pixel_values=pixels, token_type_ids=(ids == 299).long()).logits
+        ours = load_model(tmp_path)(ids, pixel_values=pixels)
+    assert max_diff(ours, expected) <= 1e-4
+
+
+def test_config_rejects_bad_shapes():
     with pytest.raises(ConfigError, match="no vision tower"):
         VisionConfig.from_hf({"model_type": "gemma3_text", "hidden_size": 1152})
     with pytest.raises(ConfigError, match="square"):

@@ -78,8 +78,8 @@ class VisionConfig:
         vision = dict(config.get("vision_config") or {})
         if vision.get("model_type", "siglip_vision_model") != "siglip_vision_model":
             raise ConfigError(f"vision model_type {vision['model_type']!r} is not supported (expected SigLIP)")
-        if vision.get("vision_use_head"):
-            raise ConfigError("vision_use_head is true, but Gemma 3's vision tower has no pooling head")
+        # vision_use_head: some configs declare SigLIP's pooling head; Gemma 3 never runs it (it reads the
+        # last hidden states), so its weights are left unread, as transformers leaves them unused.
         if vision.get("hidden_act", "gelu_pytorch_tanh") not in _GELU_TANH:
             raise ConfigError(f"vision hidden_act {vision['hidden_act']!r} is not supported")
         defaults = cls()
