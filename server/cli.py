@@ -12,34 +12,17 @@ from pathlib import Path
 
 from tpa_model.checkpoint import CheckpointError
 from tpa_model.cli import add_model_args, resolve_dtype
-from tpa_model.config import GLOBAL, SLIDING
-from tpa_model.image_processing import ImageError, ImageProcessorConfig, load_image, preprocess
+from tpa_model.image_processing import ImageError, load_image
 from tpa_model.loader import load_model
-from tpa_model.prompts import encode_chat_with_images
+from tpa_model.prompts import PromptInputs, build_chat_inputs
 from tpa_model.sampling import SamplingParams
 from tpa_model.tokenizer import ChatTemplateError, GemmaTokenizer
 
 from .engine.engine import EngineConfig, LLMEngine
 
 
-def image_prompt(model, tokenizer: GemmaTokenizer, messages: list[dict], files: list[Path], pan_and_scan: bool):
-    """(pixel values, prompt ids) for a chat whose image parts are the given files, in order."""
-    vision = model.vision_config
-    if vision is None:
-        raise ValueError("this model has no vision tower; --image needs a multimodal Gemma 3 (4b or larger)")
-    images = [load_image(f) for f in files]
-    config = ImageProcessorConfig(image_size=vision.image_size, do_pan_and_scan=pan_and_scan)
-    pixel_values, crops = preprocess(images, config)
-    ids = encode_chat_with_images(tokenizer, messages, vision.mm_tokens_per_image, crops)
-    return pixel_values, ids
-
-
-def run_engine(model, tokenizer: GemmaTokenizer, prompt_ids: list[int], pixel_values, args) -> tuple[str, list[int]]:
-    """One request through the serving engine, with a paged cache sized for exactly this request."""
-    block_size = 16
-    blocks = -(-(len(prompt_ids) + args.max_tokens) // block_size) + 1
-    config = EngineConfig(block_size=block_size, max_num_seqs=1, num_blocks={GLOBAL: blocks, SLIDING: blocks})
-    engine = LLMEngine(model, tokenizer, config)
+def run_engine(engine: LLMEngine, prompt_ids: list[int], pixel_values, args) -> tuple[str, list[int]]:
+    """One request through the serving engine."""
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                             max_tokens=args.max_tokens)
     engine.add_request("cli", prompt_ids, params, pixel_values=pixel_values)
@@ -48,6 +31,15 @@ def run_engine(model, tokenizer: GemmaTokenizer, prompt_ids: list[int], pixel_va
         for out in engine.step():
             final = out
     return final.outputs[0].text, final.outputs[0].token_ids
+
+
+def one_request_engine(model, tokenizer: GemmaTokenizer, max_tokens: int, prompt_len_hint: int) -> LLMEngine:
+    """An engine whose cache holds exactly one request of up to the model length (at most what it needs)."""
+    block_size = 16
+    longest = min(model.config.max_position_embeddings, prompt_len_hint + max_tokens)
+    config = EngineConfig(block_size=block_size, max_num_seqs=1, max_model_len=longest,
+                          num_blocks=-(-longest // block_size) + 1)
+    return LLMEngine(model, tokenizer, config)
 
 
 def generate_main(argv: list[str] | None = None) -> int:
@@ -76,19 +68,20 @@ def generate_main(argv: list[str] | None = None) -> int:
         model = load_model(path, k_rank=args.k_rank, v_rank=args.v_rank, dtype=resolve_dtype(args),
                            device=args.device)
         tokenizer = GemmaTokenizer.from_dir(path)
-        pixel_values = None
         if args.raw:
-            prompt_ids = tokenizer.encode(args.prompt, add_bos=True)
+            inputs = PromptInputs(tokenizer.encode(args.prompt, add_bos=True))
         else:
             messages = [{"role": "system", "content": args.system}] if args.system else []
             parts = [{"type": "image"} for _ in args.image] + [{"type": "text", "text": args.prompt}]
             messages.append({"role": "user", "content": parts})
-            if args.image:
-                pixel_values, prompt_ids = image_prompt(model, tokenizer, messages, args.image, args.pan_and_scan)
-            else:
-                prompt_ids = tokenizer.encode_chat(messages)
+            if args.image and model.vision_config is None:
+                raise ValueError("this model has no vision tower; --image needs a multimodal Gemma 3 (4b or larger)")
+            images = [load_image(f) for f in args.image]
+            inputs = build_chat_inputs(tokenizer, model.vision_config, messages, images, args.pan_and_scan)
+        prompt_ids = inputs.token_ids
+        engine = one_request_engine(model, tokenizer, args.max_tokens, len(prompt_ids))
         t0 = time.perf_counter()
-        text, out = run_engine(model, tokenizer, prompt_ids, pixel_values, args)
+        text, out = run_engine(engine, prompt_ids, inputs.pixel_values, args)
         elapsed = time.perf_counter() - t0
     except (CheckpointError, ChatTemplateError, ImageError, OSError, ValueError) as e:
         print(f"tpa-generate: error: {e}", file=sys.stderr)
@@ -109,7 +102,7 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
     p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output (default: model's)")
     p.add_argument("--cache-memory", type=float, default=None,
-                   help="factor cache size in GiB (default: 90%% of free GPU memory; 1 GiB on CPU)")
+                   help="KV cache size in GiB (default: 90%% of free GPU memory; 1 GiB on CPU)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--max-waiting", type=int, default=1024, help="queued sequences before answering 503")

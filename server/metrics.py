@@ -24,11 +24,11 @@ class EngineCollector:
                                 value=s.num_waiting + s.num_pending)
         used = sum(u for u, _ in s.block_usage.values())
         total = sum(t for _, t in s.block_usage.values())
-        yield GaugeMetricFamily(f"{PREFIX}_cache_usage", "Fraction of factor-cache blocks in use",
+        yield GaugeMetricFamily(f"{PREFIX}_cache_usage", "Fraction of KV-cache blocks in use",
                                 value=used / total if total else 0.0)
-        blocks = GaugeMetricFamily(f"{PREFIX}_cache_blocks_used", "Factor-cache blocks in use", labels=["group"])
-        for group, (u, _) in s.block_usage.items():
-            blocks.add_metric([group], u)
+        blocks = GaugeMetricFamily(f"{PREFIX}_cache_blocks_used", "KV-cache blocks in use, per pool", labels=["pool"])
+        for pool, (u, _) in s.block_usage.items():
+            blocks.add_metric([pool], u)
         yield blocks
         yield CounterMetricFamily(f"{PREFIX}_prefix_cache_hits", "Cache blocks served from the prefix cache",
                                   value=s.prefix_cache_hits)

@@ -9,7 +9,6 @@ import torch
 from server.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 from server.engine.engine import EngineConfig, LLMEngine
 from server.engine.scheduler import CapacityError
-from tpa_model.config import GLOBAL, SLIDING
 from tpa_model.demo import build_demo
 from tpa_model.loader import load_model
 from tpa_model.sampling import ParamError, SamplingParams
@@ -29,8 +28,8 @@ def engine(model_and_tokenizer):
     return make_engine(model, tokenizer)
 
 
-def make_engine(model, tokenizer, **kw) -> LLMEngine:
-    return LLMEngine(model, tokenizer, EngineConfig(block_size=4, num_blocks={GLOBAL: 64, SLIDING: 64}, **kw))
+def make_engine(model, tokenizer, num_blocks=64, **kw) -> LLMEngine:
+    return LLMEngine(model, tokenizer, EngineConfig(block_size=4, num_blocks=num_blocks, **kw))
 
 
 def greedy(max_tokens: int) -> SamplingParams:
@@ -161,8 +160,11 @@ def test_requests_that_can_never_run_fail_alone(engine):
         too_long = [2] + [10] * 5000  # past max_model_len (the 64 * 4 tokens the global layers' cache holds)
         with pytest.raises(ValueError, match="maximum model length"):
             await collect(ae.generate(too_long, greedy(4)))
-        with pytest.raises(CapacityError):  # fits the model length, not the sliding layers' 64 blocks
-            await ae.submit([2] + [10] * 249, greedy(4))
+        small = AsyncEngine(make_engine(engine.model, engine.tokenizer, num_blocks={"global": 64, "sliding": 40}))
+        small.start()
+        with pytest.raises(CapacityError):  # fits the model length, not the sliding pool's 40 blocks
+            await small.submit([2] + [10] * 249, greedy(4))
+        await small.shutdown()
         with pytest.raises(ParamError):
             await collect(ae.generate([2, 10], SamplingParams(temperature=5.0)))
         with pytest.raises(ValueError, match="token ids"):

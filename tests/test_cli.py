@@ -1,6 +1,7 @@
 """tpa-convert and tpa-generate end to end, on a tiny Hugging Face checkpoint with a real tokenizer."""
 
 import os
+import re
 import shutil
 import subprocess
 
@@ -94,9 +95,15 @@ def test_generate_with_image_on_demo_model(tmp_path, monkeypatch, capsys):
     Image.new("RGB", (90, 31), (200, 30, 30)).save(image)
     args = ["--prompt", "What is in this image?", "--image", str(image), "--max-tokens", "4", "--device", "cpu"]
     assert generate_main(args) == 0
-    err = capsys.readouterr().err
+    with_image = capsys.readouterr().err
+    assert generate_main(args[:2] + args[4:]) == 0
+    without = capsys.readouterr().err
+
+    def prompt_tokens(err: str) -> int:
+        return int(re.search(r"\[(\d+) prompt tokens", err).group(1))
+
     # 4 soft tokens per image in the demo model, wrapped in <start_of_image>/<end_of_image> and blank lines
-    assert "4 generated" in err or "generated" in err
+    assert prompt_tokens(with_image) >= prompt_tokens(without) + 4 + 2
 
     (tmp_path / "bad.png").write_bytes(b"not an image at all")
     assert generate_main([*args[:2], "--image", str(tmp_path / "bad.png")]) == 1

@@ -5,7 +5,6 @@ import torch
 
 from server.engine.engine import EngineConfig, LLMEngine
 from server.engine.llm import LLM
-from tpa_model.config import GLOBAL, SLIDING
 from tpa_model.demo import build_demo
 from tpa_model.generation import generate
 from tpa_model.loader import load_model
@@ -22,9 +21,12 @@ def demo_dir(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def model(demo_dir):
-    return load_model(demo_dir)
+@pytest.fixture(scope="module", params=["standard", "factors"])
+def model(demo_dir, request):
+    """Every engine test runs on both cache layouts: exact (plain K/V) and rank 1 (factors)."""
+    if request.param == "standard":
+        return load_model(demo_dir)
+    return load_model(demo_dir, k_rank=1, v_rank=1)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +35,7 @@ def tokenizer(demo_dir):
 
 
 def make_engine(model, tokenizer, global_blocks=64, sliding_blocks=64, **kw):
-    cfg = EngineConfig(block_size=BLOCK, num_blocks={GLOBAL: global_blocks, SLIDING: sliding_blocks}, **kw)
+    cfg = EngineConfig(block_size=BLOCK, num_blocks={"global": global_blocks, "sliding": sliding_blocks}, **kw)
     return LLMEngine(model, tokenizer, cfg)
 
 
@@ -82,13 +84,13 @@ def test_sliding_layers_hold_only_the_window(model, tokenizer):
     most = 0
     while engine.has_unfinished():
         engine.step()
-        seq_tables = engine.managers[SLIDING].tables
+        seq_tables = engine.managers["sliding"].tables
         for seq_id in seq_tables:
-            most = max(most, engine.managers[SLIDING].live_blocks(seq_id))
-            assert engine.managers[SLIDING].live_blocks(seq_id) <= window // BLOCK + 1
+            most = max(most, engine.managers["sliding"].live_blocks(seq_id))
+            assert engine.managers["sliding"].live_blocks(seq_id) <= window // BLOCK + 1
         for seq in engine.requests.get("long", []):
-            if seq.seq_id in engine.managers[GLOBAL].tables:  # global layers keep every block
-                assert engine.managers[GLOBAL].live_blocks(seq.seq_id) == -(-seq.num_computed // BLOCK)
+            if seq.seq_id in engine.managers["global"].tables:  # global layers keep every block
+                assert engine.managers["global"].live_blocks(seq.seq_id) == -(-seq.num_computed // BLOCK)
     assert most == window // BLOCK + 1
     assert all_free(engine)
 
@@ -124,7 +126,7 @@ def test_prefix_sharing_saves_blocks_and_keeps_tokens(model, tokenizer):
         engine.step()  # a's whole prompt is computed and its full blocks published
         engine.add_request("b", b, params)
         engine.step()
-        used[sharing] = engine.block_usage()[GLOBAL][0]
+        used[sharing] = engine.block_usage()["global"][0]
         cached = engine.requests["b"][0].num_cached_prompt
         assert (cached >= 40 - BLOCK) if sharing else cached == 0
         while engine.has_unfinished():
@@ -185,7 +187,7 @@ def test_requests_that_cannot_fit_are_refused(model, tokenizer):
     with pytest.raises(ValueError, match=r"plus max_tokens \(10\) exceeds the maximum model length of 32"):
         engine.add_request("long", [2] * 25, SamplingParams(max_tokens=10))
     # the sliding layers' pool (6 blocks) cannot hold a 16-token window plus a 64-token prefill chunk
-    with pytest.raises(ValueError, match="cache blocks on sliding_attention layers"):
+    with pytest.raises(ValueError, match="blocks of the sliding cache pool"):
         engine.add_request("chunky", [2] * 30, SamplingParams(max_tokens=2))
     assert all_free(engine) and not engine.has_unfinished()
 
@@ -259,10 +261,32 @@ def test_n_samples_share_the_prompt(model, tokenizer):
     engine.add_request("n3", prompt, SamplingParams(n=3, max_tokens=5, temperature=1.0, seed=0, ignore_eos=True))
     done = run(engine, {})
     assert len(done["n3"].outputs) == 3
-    hits = engine.managers[GLOBAL].pool.hits
+    hits = engine.managers["global"].pool.hits
     assert hits >= 2 * (len(prompt) // BLOCK - 1)  # samples 1 and 2 reuse sample 0's full prompt blocks
     # and the tokens are what each seed gives on its own
     for i, out in enumerate(done["n3"].outputs):
         alone = run(make_engine(model, tokenizer, prefix_caching=False),
                     {"x": (prompt, SamplingParams(max_tokens=5, temperature=1.0, seed=i, ignore_eos=True))})
         assert alone["x"].outputs[0].token_ids == out.token_ids
+
+
+@pytest.mark.parametrize("layer_type", ["full_attention", "sliding_attention"])
+@pytest.mark.parametrize("ranks", [(None, None), (1, 1)], ids=["standard", "factors"])
+def test_all_global_and_all_sliding_models(demo_dir, tokenizer, layer_type, ranks):
+    """Any layer mix is served: one pool only, global or windowed, either layout, like generate()."""
+    import dataclasses
+
+    from tpa_model.demo import init_weights
+    from tpa_model.model import GemmaTPAModel
+
+    base = load_model(demo_dir).config
+    config = dataclasses.replace(base, layer_types=[layer_type] * base.num_hidden_layers).with_ranks(*ranks)
+    model = GemmaTPAModel(config).eval()
+    init_weights(model, seed=3, std=0.1)
+    engine = LLMEngine(model, tokenizer, EngineConfig(block_size=BLOCK, num_blocks=48, max_num_batched_tokens=32))
+    assert list(engine.managers) == (["global"] if layer_type == "full_attention" else ["sliding"])
+    ps = prompts(6, seed=7)
+    done = run(engine, {f"r{i}": (p, SamplingParams(max_tokens=30, **GREEDY)) for i, p in enumerate(ps)})
+    for i, p in enumerate(ps):
+        assert done[f"r{i}"].outputs[0].token_ids == generate(model, [p], 30)[0], f"request {i}"
+    assert all_free(engine)

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from tpa_model import load_model, save_model
-from tpa_model.attention import attention_masks, image_block_mask
+from tpa_model import ContiguousKVCache, load_model, preset, save_model
+from tpa_model.backends.reference import key_visibility
+from tpa_model.metadata import image_spans
 from tpa_model.prompts import expand_images
 
 TOL = 1e-4
@@ -68,10 +69,14 @@ def test_vision_weights_survive_tpa_checkpoint(hf_multimodal, pixels, tmp_path):
 
 def test_image_mask_hand_checked():
     """t t [i i] t [i i] t: image tokens see their own image both ways, text stays causal."""
-    is_image = torch.tensor([[0, 0, 1, 1, 0, 1, 1, 0]], dtype=torch.bool)
-    extra = image_block_mask(is_image)
-    pos = torch.arange(8)
-    full, sliding = attention_masks(pos, pos, window=3, extra_visible=extra)
+    tokens = [0, 0, IMG, IMG, 0, IMG, IMG, 0]
+    assert image_spans(tokens, IMG) == [(2, 4), (5, 7)]
+    cache = ContiguousKVCache(preset("tiny"), 1, 8)
+    meta = cache.step(8, images=[image_spans(tokens, IMG)])
+    assert meta.limits.tolist() == [0, 1, 3, 3, 4, 6, 6, 7]
+    pos = meta.positions[None]
+    full = key_visibility(torch.zeros(1, dtype=torch.long), 0, 8, pos, meta.limits[None], None)[0]
+    sliding = key_visibility(torch.zeros(1, dtype=torch.long), 0, 8, pos, meta.limits[None], 3)[0]
     T, F = True, False
     expected_full = torch.tensor([
         [T, F, F, F, F, F, F, F],
@@ -83,10 +88,10 @@ def test_image_mask_hand_checked():
         [T, T, T, T, T, T, T, F],
         [T, T, T, T, T, T, T, T],
     ])
-    assert torch.equal(full[0, 0], expected_full)
-    window = (pos[:, None] - pos[None, :]) < 3
-    assert torch.equal(sliding[0, 0], expected_full & window)
-    assert bool(sliding[0, 0, 2, 3]) and not bool(sliding[0, 0, 5, 2])
+    assert torch.equal(full, expected_full)
+    window = (pos[0, :, None] - pos[0, None, :]) < 3
+    assert torch.equal(sliding, expected_full & window)
+    assert bool(sliding[2, 3]) and not bool(sliding[5, 2])
 
 
 def test_prompt_expansion_matches_gemma_processor():

@@ -5,7 +5,7 @@ import torch
 from conftest import save_hf_causal
 
 import tpa_model
-from tpa_model import ContiguousFactorCache, load_model
+from tpa_model import ContiguousKVCache, load_model
 
 TOL = 1e-4
 
@@ -79,14 +79,20 @@ def test_incremental_decoding_equals_full_forward(hf_causal, token_ids, chunks):
     model = load_model(path, k_rank=2, v_rank=3)
     full = model(token_ids)
     prefill_len = sum(chunks[:-1]) if len(chunks) > 1 else 16
-    cache = ContiguousFactorCache(model.config, token_ids.shape[0], token_ids.shape[1])
+    B, T = token_ids.shape
+    cache = ContiguousKVCache(model.config, B, T)
     pieces, start = [], 0
+
+    def step(ids):
+        meta = cache.step(ids.shape[1])
+        return model(ids.reshape(-1), meta.positions, meta).view(B, ids.shape[1], -1)
+
     for n in chunks[:-1] if len(chunks) > 1 else [prefill_len]:
-        pieces.append(model(token_ids[:, start : start + n], cache))
+        pieces.append(step(token_ids[:, start : start + n]))
         start += n
-    for t in range(start, token_ids.shape[1]):
-        pieces.append(model(token_ids[:, t : t + 1], cache))
-    assert cache.seq_len == token_ids.shape[1]
+    for t in range(start, T):
+        pieces.append(step(token_ids[:, t : t + 1]))
+    assert cache.seq_len == T
     assert max_diff(torch.cat(pieces, dim=1), full) <= TOL
 
 

@@ -1,41 +1,11 @@
-"""TPA specifics: attention on factors, low-rank conversion, the factor cache's size."""
+"""TPA specifics: low-rank conversion, and what each layer's cache stores per token."""
 
 import pytest
 import torch
 from conftest import TINY_TEXT
 
-from tpa_model import ContiguousFactorCache, Factors, factor_attention, load_model, reduce_rank
-from tpa_model.attention import attention_masks, dense_attention
+from tpa_model import ContiguousKVCache, load_model, reduce_rank
 from tpa_model.convert import energy_rank, head_covariance
-
-
-def random_factors(B, T, R_k, R_v, G, d, gen):
-    def r(*shape):
-        return torch.randn(*shape, generator=gen)
-
-    return Factors(r(B, T, R_k, G), r(B, T, R_k, d), r(B, T, R_v, G), r(B, T, R_v, d))
-
-
-@pytest.mark.parametrize("L", [1, 5])
-def test_factor_attention_equals_dense_attention(L):
-    gen = torch.Generator().manual_seed(0)
-    B, H, G, d, T = 2, 8, 4, 16, 19
-    kv = random_factors(B, T, 3, 2, G, d, gen)
-    q = torch.randn(B, H, L, d, generator=gen)
-    q_pos = torch.arange(T - L, T)
-    for mask in attention_masks(q_pos, torch.arange(T), window=6):
-        k, v = kv.materialize()
-        expected = dense_attention(q, k, v, mask, scale=0.3)
-        assert (factor_attention(q, kv, mask, scale=0.3) - expected).abs().max() <= 1e-5
-
-
-def test_masks_follow_gemma_rules():
-    q_pos, k_pos = torch.arange(10), torch.arange(10)
-    full, sliding = attention_masks(q_pos, k_pos, window=4)
-    for i in range(10):
-        for j in range(10):
-            assert bool(full[0, 0, i, j]) == (j <= i)
-            assert bool(sliding[0, 0, i, j]) == (j <= i and i - j < 4)
 
 
 @torch.no_grad()
@@ -93,15 +63,19 @@ def test_cannot_raise_rank(hf_causal, tmp_path):
         load_model(tmp_path, k_rank=2)
 
 
-@pytest.mark.parametrize("k_rank,v_rank", [(1, 1), (2, 3), (4, 4)])
+@pytest.mark.parametrize("k_rank,v_rank", [(1, 1), (1, 2), (2, 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cache_bytes_per_token_match_factor_count(k_rank, v_rank, dtype):
+def test_cache_bytes_per_token_match_the_layout(k_rank, v_rank, dtype):
+    """Below full rank a part stores R (G + d) numbers per token; at full rank the plain G d, never more."""
     from tpa_model import preset
 
-    cfg = preset("tiny")
-    cfg = cfg.with_ranks(min(k_rank, cfg.num_key_value_heads), min(v_rank, cfg.num_key_value_heads))
+    cfg = preset("tiny").with_ranks(k_rank, v_rank)
     G, d = cfg.num_key_value_heads, cfg.head_dim
-    cache = ContiguousFactorCache(cfg, batch_size=3, max_len=50, dtype=dtype)
-    elements = cfg.k_rank * (G + d) + cfg.v_rank * (G + d)
-    for layer in range(cfg.num_hidden_layers):
-        assert cache.bytes_per_token(layer) == elements * dtype.itemsize
+
+    def numbers(rank):
+        return rank * (G + d) if rank < G else G * d
+
+    cache = ContiguousKVCache(cfg, batch_size=3, max_len=50, dtype=dtype)
+    for layer in cache.kv.layers:
+        assert layer.nbytes == 3 * 50 * (numbers(k_rank) + numbers(v_rank)) * dtype.itemsize
+    assert numbers(G) < G * (G + d)  # exact layers are stored plain: factors would cost more

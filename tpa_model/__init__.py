@@ -1,24 +1,26 @@
-"""Gemma 3 with Tensor Product Attention: the model, its factor cache, loading and conversion."""
+"""Gemma 3 with Tensor Product Attention: the model, its caches, loading and conversion."""
 
-from .attention import Factors, factor_attention
-from .cache import ContiguousFactorCache, FactorCache
 from .checkpoint import CheckpointError
 from .config import PRESETS, TextConfig, TPAConfig, preset, text_config_from_hf
 from .convert import ConversionReport, reduce_rank
+from .kv_cache import CacheSpec, ContiguousKVCache, KVCache, layer_cache_specs
 from .loader import load_model, save_model
+from .metadata import AttentionMetadata, build_metadata
 from .model import GemmaTPAModel
 
 __all__ = [
+    "AttentionMetadata",
+    "CacheSpec",
     "CheckpointError",
-    "ContiguousFactorCache",
+    "ContiguousKVCache",
     "ConversionReport",
-    "FactorCache",
-    "Factors",
     "GemmaTPAModel",
+    "KVCache",
     "PRESETS",
     "TPAConfig",
     "TextConfig",
-    "factor_attention",
+    "build_metadata",
+    "layer_cache_specs",
     "load_model",
     "preset",
     "reduce_rank",

@@ -1,108 +1,127 @@
-"""How many long sessions fit: the factor cache against a standard Gemma 3 cache in the same memory.
+"""How many long sessions a cache holds, next to a standard Gemma 3 cache in the same memory.
 
-Bytes are read off allocated tensors (on the meta device when sizing a model that is not loaded), never
-from a closed formula, so what is reported is what the allocator would really hand out.
+Block bytes are read off allocated tensors (on the meta device when sizing a model that is not loaded),
+never from a closed formula. Pools are sized for concurrent sessions of one length, so the figure reported
+is the number of such sessions the engine really admits at once; the same planning is applied to the
+standard layout, so the two are compared like with like.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
-from .config import GLOBAL, SLIDING, TextConfig
-from .paged import PagedFactorCache
+from .config import TextConfig
+from .kv_cache import CacheSpec, group_pools, layer_cache_specs, max_blocks_per_seq, pool_block_bytes, standard_specs
 
 
 @dataclass
 class CacheLayout:
     name: str
+    specs: list[CacheSpec]
     block_size: int
-    block_bytes: dict[str, int]  # one block of each layer group, all of its layers
-    window_freeing: bool  # sliding-window layers keep only the last window's blocks
+
+    @cached_property
+    def block_bytes(self) -> dict[str, int]:
+        """Bytes of one block of each pool, all of its layers."""
+        return pool_block_bytes(self.specs, self.block_size)
+
+    @cached_property
+    def windows(self) -> dict[str, int | None]:
+        return {p.name: p.spec.window for p in group_pools(self.specs)}
+
+    def session_blocks(self, num_tokens: int, chunk: int = 1) -> dict[str, int]:
+        """Blocks one session of num_tokens holds at its longest, per pool."""
+        return {p: max_blocks_per_seq(num_tokens, self.block_size, w, chunk) for p, w in self.windows.items()}
+
+    def session_bytes(self, num_tokens: int) -> int:
+        return sum(n * self.block_bytes[p] for p, n in self.session_blocks(num_tokens).items())
+
+    def plan(
+        self, memory_bytes: int, session_len: int, chunk: int, max_sessions: int | None = None
+    ) -> tuple[dict[str, int], int]:
+        """(blocks per pool, sessions): as many sessions of session_len as fit in memory_bytes (at most
+        max_sessions: more could never run at once), each holding its blocks at once, plus one prefill
+        chunk's extra blocks in the windowed pools."""
+        per_session = self.session_blocks(session_len)
+        extra = {p: n - per_session[p] for p, n in self.session_blocks(session_len, chunk).items()}
+        extra_bytes = sum(n * self.block_bytes[p] for p, n in extra.items())
+        sessions = max(0, (memory_bytes - extra_bytes) // self.session_bytes(session_len))
+        if max_sessions is not None:
+            sessions = min(sessions, max_sessions)
+        return {p: sessions * per_session[p] + extra[p] for p in per_session}, int(sessions)
 
 
 def tpa_layout(config: TextConfig, dtype: torch.dtype, block_size: int = 16) -> CacheLayout:
-    cache = PagedFactorCache(config, {GLOBAL: 1, SLIDING: 1}, block_size, dtype, "meta")
-    name = f"TPA k_rank={config.k_rank} v_rank={config.v_rank}"
-    return CacheLayout(name, block_size, {g: cache.bytes_per_block(g) for g in (GLOBAL, SLIDING)}, True)
+    specs = layer_cache_specs(config, dtype)
+    layouts = sorted({s.layout for s in specs})
+    return CacheLayout("TPA " + " / ".join(layouts), specs, block_size)
 
 
 def standard_layout(
     config: TextConfig, dtype: torch.dtype, block_size: int = 16, window_freeing: bool = True
 ) -> CacheLayout:
     """A standard paged GQA cache: K and V, [block_size, kv_heads, head_dim] per layer and block."""
-    block_bytes = {GLOBAL: 0, SLIDING: 0}
-    for layer_type in config.layer_types:
-        group = GLOBAL if layer_type == GLOBAL else SLIDING
-        for _ in ("k", "v"):
-            t = torch.empty(block_size, config.num_key_value_heads, config.head_dim, dtype=dtype, device="meta")
-            block_bytes[group] += t.numel() * t.element_size()
+    specs = standard_specs(layer_cache_specs(config, dtype), window_freeing)
     name = "standard GQA" + (" (window freeing)" if window_freeing else " (no window freeing)")
-    return CacheLayout(name, block_size, block_bytes, window_freeing)
+    return CacheLayout(name, specs, block_size)
 
 
-def session_blocks(layout: CacheLayout, config: TextConfig, num_tokens: int) -> dict[str, int]:
-    """Blocks one session of num_tokens holds at its longest."""
-    blocks = math.ceil(num_tokens / layout.block_size)
-    window = math.ceil(config.sliding_window / layout.block_size) + 1
-    return {GLOBAL: blocks, SLIDING: min(blocks, window) if layout.window_freeing else blocks}
-
-
-def session_bytes(layout: CacheLayout, config: TextConfig, num_tokens: int) -> int:
-    blocks = session_blocks(layout, config, num_tokens)
-    return sum(blocks[g] * layout.block_bytes[g] for g in blocks)
-
-
-def sessions_in_memory(layout: CacheLayout, config: TextConfig, memory_bytes: int, num_tokens: int) -> int:
-    return memory_bytes // session_bytes(layout, config, num_tokens)
-
-
-def pool_sessions(num_blocks: dict[str, int], layout: CacheLayout, config: TextConfig, num_tokens: int) -> int:
-    """Sessions of num_tokens that fit at once in pools of the given sizes."""
-    need = session_blocks(layout, config, num_tokens)
-    return min(num_blocks[g] // need[g] for g in need if need[g] and layout.block_bytes[g])
+def sessions_in_memory(layout: CacheLayout, memory_bytes: int, num_tokens: int, chunk: int = 1) -> int:
+    return layout.plan(memory_bytes, num_tokens, chunk)[1]
 
 
 @dataclass
 class CapacityReport:
     cache_bytes: int
-    tokens: int  # tokens of context the global layers' pool holds
     session_len: int
-    sessions: int  # sessions of session_len whose factors fit in cache_bytes
-    standard_sessions: int  # the same for a standard cache (same dtype, block size and window handling)
-    engine_limit: int  # sessions the engine runs at once: its pools and its max_num_seqs
-    bytes_per_token_tpa: float
+    sessions: int  # sessions of session_len the pools hold at once
+    standard_sessions: int  # the same for a standard cache planned in the same memory
+    max_num_seqs: int
+    bytes_per_token: float  # one session of session_len, all layers
     bytes_per_token_standard: float
+    pools: dict[str, str]  # pool -> what its layers store and how many blocks it has
+
+    @property
+    def engine_limit(self) -> int:
+        """Sessions of session_len the engine runs at once: what the pools hold, and its sequence limit."""
+        return min(self.sessions, self.max_num_seqs)
 
     def format(self) -> str:
         ratio = self.sessions / self.standard_sessions if self.standard_sessions else float("inf")
+        pools = "; ".join(f"{name}: {desc}" for name, desc in self.pools.items())
         return (
-            f"factor cache: {self.cache_bytes / 2**30:.3f} GiB holding {self.tokens} tokens; this memory fits "
-            f"{self.sessions} sessions of {self.session_len} tokens with TPA factors against "
-            f"{self.standard_sessions} with a standard Gemma 3 cache (x{ratio:.2f}; "
-            f"{self.bytes_per_token_tpa:.0f} vs {self.bytes_per_token_standard:.0f} bytes per token); "
-            f"the engine runs up to {self.engine_limit} at once"
+            f"KV cache: {self.cache_bytes / 2**30:.3f} GiB ({pools}); it holds {self.sessions} sessions of "
+            f"{self.session_len} tokens at once, against {self.standard_sessions} for a standard Gemma 3 cache "
+            f"in the same memory (x{ratio:.2f}; {self.bytes_per_token:.0f} vs {self.bytes_per_token_standard:.0f} "
+            f"bytes per token); with --max-num-seqs {self.max_num_seqs} the engine runs up to "
+            f"{self.engine_limit} such sessions at once"
         )
 
 
-def report_for_pools(cache: PagedFactorCache, session_len: int, max_num_seqs: int) -> CapacityReport:
-    """Capacity of an allocated paged factor cache, next to a standard cache in the same memory.
-
-    Both layouts' block sizes are read off allocated tensors and counted the same way."""
-    config, bs = cache.config, cache.block_size
-    dtype = cache.layers[0].a_k.dtype
-    tpa = CacheLayout("TPA", bs, {g: cache.bytes_per_block(g) for g in (GLOBAL, SLIDING)}, True)
-    std = standard_layout(config, dtype, bs, window_freeing=True)
-    total = cache.total_bytes()
+def capacity_report(
+    layout: CacheLayout, num_blocks: dict[str, int], session_len: int, chunk: int, max_num_seqs: int
+) -> CapacityReport:
+    """Capacity of pools of these sizes, next to a standard cache planned in the same memory."""
+    total = sum(num_blocks[p] * layout.block_bytes[p] for p in num_blocks)
+    need = layout.session_blocks(session_len)
+    extra = {p: n - need[p] for p, n in layout.session_blocks(session_len, chunk).items()}
+    sessions = min((num_blocks[p] - extra[p]) // need[p] for p in need)
+    standard = CacheLayout("standard", standard_specs(layout.specs), layout.block_size)
+    pools = {
+        p.name: f"{p.spec.layout}, {'window ' + str(p.spec.window) if p.spec.window else 'global'}, "
+                f"{len(p.layers)} layers, {num_blocks[p.name]} blocks"
+        for p in group_pools(layout.specs)
+    }
     return CapacityReport(
         cache_bytes=total,
-        tokens=cache.num_blocks[GLOBAL] * bs,
         session_len=session_len,
-        sessions=sessions_in_memory(tpa, config, total, session_len),
-        standard_sessions=sessions_in_memory(std, config, total, session_len),
-        engine_limit=min(max_num_seqs, pool_sessions(cache.num_blocks, tpa, config, session_len)),
-        bytes_per_token_tpa=session_bytes(tpa, config, session_len) / session_len,
-        bytes_per_token_standard=session_bytes(std, config, session_len) / session_len,
+        sessions=max(0, sessions),
+        standard_sessions=sessions_in_memory(standard, total, session_len, chunk),
+        max_num_seqs=max_num_seqs,
+        bytes_per_token=layout.session_bytes(session_len) / session_len,
+        bytes_per_token_standard=standard.session_bytes(session_len) / session_len,
+        pools=pools,
     )

@@ -84,10 +84,9 @@ class TextConfig:
     def v_rank(self) -> int:
         return self.tpa.v_rank or self.num_key_value_heads
 
-    def factor_shapes(self) -> list[tuple[int, int]]:
-        """(rank, width) of a token's four factor tensors in one layer: a_k, b_k, a_v, b_v."""
-        G, d = self.num_key_value_heads, self.head_dim
-        return [(self.k_rank, G), (self.k_rank, d), (self.v_rank, G), (self.v_rank, d)]
+    def layer_ranks(self, layer: int) -> tuple[int, int]:
+        """(k_rank, v_rank) of one layer: what its attention computes and its cache stores."""
+        return self.k_rank, self.v_rank
 
     def is_sliding(self, layer: int) -> bool:
         return self.layer_types[layer] == SLIDING

@@ -1,4 +1,4 @@
-"""Offline generation over the contiguous factor cache, for one batch of equal-length prompts.
+"""Offline generation over a contiguous cache, for one batch of equal-length prompts.
 
 The serving engine (server/engine) is the general path; this one is small enough to read in one sitting and
 serves as the reference the engine is tested against.
@@ -10,7 +10,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from .cache import ContiguousFactorCache
+from .kv_cache import ContiguousKVCache
+from .metadata import image_spans
 from .model import GemmaTPAModel
 from .sampling import SamplingParams, make_generator, sample
 
@@ -36,13 +37,15 @@ def generate(
         return [[] for _ in prompts]
     ids = torch.tensor([list(p) for p in prompts], dtype=torch.long, device=model.device)
     B, L = ids.shape
-    cache = ContiguousFactorCache(model.config, B, L + max_new_tokens, model.dtype, model.device)
+    cache = ContiguousKVCache(model.config, B, L + max_new_tokens, model.dtype, model.device)
     generators = [make_generator(None if params.seed is None else params.seed + b, model.device) for b in range(B)]
     stops = set(stop_token_ids)
     outputs: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
 
-    logits = model(ids, cache, pixel_values=pixel_values, last_token_only=True)[:, -1]
+    images = [image_spans(p, model.image_token_id) for p in prompts]
+    meta = cache.step(L, last_only=True, images=images)
+    logits = model(ids.reshape(-1), meta.positions, meta, pixel_values=pixel_values)
     for step in range(max_new_tokens):
         logits = logits.float()
         if vocab_limit is not None:
@@ -55,5 +58,6 @@ def generate(
         if all(done) or step == max_new_tokens - 1:
             break
         next_ids = torch.tensor(result.token_ids, dtype=torch.long, device=model.device)
-        logits = model(next_ids[:, None], cache)[:, -1]
+        meta = cache.step(1)
+        logits = model(next_ids, meta.positions, meta)
     return outputs

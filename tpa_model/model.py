@@ -6,11 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attention_masks, image_block_mask
-from .cache import FactorCache
 from .config import GLOBAL, SLIDING, TextConfig
+from .kv_cache import ContiguousKVCache
 from .layers import GeGLU, RMSNorm, Rotary
-from .paged import PagedContext
+from .metadata import AttentionMetadata, image_spans
 from .tpa import TPAttention
 from .vision import MultiModalProjector, VisionConfig, VisionTower
 
@@ -27,8 +26,8 @@ class DecoderLayer(nn.Module):
         self.mlp = GeGLU(config.hidden_size, config.intermediate_size)
         self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
 
-    def forward(self, x, rope, mask, cache: FactorCache | None = None) -> torch.Tensor:
-        x = x + self.post_attention_layernorm(self.attn(self.input_layernorm(x), rope, mask, cache))
+    def forward(self, x: torch.Tensor, rope, meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.post_attention_layernorm(self.attn(self.input_layernorm(x), rope, meta))
         x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         return x
 
@@ -37,9 +36,10 @@ class GemmaTPAModel(nn.Module):
     """Gemma 3 with TPA attention: scaled embeddings, decoder layers, tied output head, and (4b and larger)
     the SigLIP vision tower whose projected features replace the image soft tokens.
 
-    `model(input_ids)` with input_ids [batch, seq] returns logits [batch, seq, vocab]; `pixel_values`
-    [num_images, 3, size, size] fill the image tokens in order. With a cache, the new tokens continue the
-    cached sequences at position cache.seq_len.
+    One forward, `model(input_ids, positions, metadata)`: the new tokens of a step, packed flat [N], go
+    through the paged cache the metadata describes, and logits come back for metadata.logits_indices.
+    `model(input_ids)` with input_ids [batch, seq] is the same forward over a contiguous cache made for the
+    call: logits [batch, seq, vocab]. `pixel_values` [num_images, 3, size, size] fill the image tokens in order.
     """
 
     def __init__(self, config: TextConfig, vision: VisionConfig | None = None, image_token_id: int | None = None):
@@ -110,59 +110,25 @@ class GemmaTPAModel(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        cache: FactorCache | None = None,
+        positions: torch.Tensor | None = None,
+        metadata: AttentionMetadata | None = None,
         *,
         pixel_values: torch.Tensor | None = None,
-        last_token_only: bool = False,
     ) -> torch.Tensor:
+        if metadata is None:
+            return self.forward_sequences(input_ids, pixel_values)
         x = self.embed_with_images(input_ids, pixel_values)
-        if self.image_token_id is None:
-            return self.forward_embeds(x, cache, last_token_only=last_token_only)
-        is_image = input_ids == self.image_token_id
-        start = cache.seq_len if cache is not None else 0
-        extra = image_block_mask(is_image, start) if bool(is_image.any()) else None
-        return self.forward_embeds(x, cache, last_token_only=last_token_only, extra_visible=extra)
-
-    def forward_paged(
-        self,
-        input_ids: torch.Tensor,
-        ctx: PagedContext,
-        logits_rows: torch.Tensor,
-        pixel_values: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """One packed forward over the paged cache: input_ids [N] are the new tokens of several sequences
-        (ctx says which); returns logits [len(logits_rows), vocab] for the rows that sample. pixel_values
-        hold, in order, the images whose soft tokens are among the new tokens."""
-        x = self.embed_with_images(input_ids, pixel_values)[None]
-        ropes = {kind: rotary(ctx.positions, x.dtype) for kind, rotary in self.rotary.items()}
+        ropes = {kind: rotary(positions, x.dtype) for kind, rotary in self.rotary.items()}
         for layer in self.layers:
-            x = layer(x, ropes[layer.layer_type], None, ctx)
-        return self.logits(x[0, logits_rows])
+            x = layer(x, ropes[layer.layer_type], metadata)
+        return self.logits(x[metadata.logits_indices])
 
-    def forward_embeds(
-        self,
-        x: torch.Tensor,
-        cache: FactorCache | None = None,
-        *,
-        last_token_only: bool = False,
-        extra_visible: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Run the decoder on input embeddings [B, L, D].
-
-        extra_visible (bool [B or 1, 1, L, T]) is OR-ed into the causal masks before the sliding window
-        is applied; images use it to see all of their own tokens.
-        """
-        L = x.shape[1]
-        start = cache.seq_len if cache is not None else 0
-        q_pos = torch.arange(start, start + L, device=x.device)
-        k_pos = torch.arange(0, start + L, device=x.device)
-        global_mask, sliding_mask = attention_masks(q_pos, k_pos, self.config.sliding_window, extra_visible)
-        masks = {GLOBAL: global_mask, SLIDING: sliding_mask}
-        ropes = {kind: rotary(q_pos, x.dtype) for kind, rotary in self.rotary.items()}
-        for layer in self.layers:
-            x = layer(x, ropes[layer.layer_type], masks[layer.layer_type], cache)
-        if cache is not None:
-            cache.advance(L)
-        if last_token_only:
-            x = x[:, -1:]
-        return self.logits(x)
+    def forward_sequences(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """Whole sequences [B, L] -> logits [B, L, vocab], through a cache that lives for this call."""
+        B, L = input_ids.shape
+        cache = ContiguousKVCache(self.config, B, L, self.dtype, self.device)
+        images = None
+        if self.image_token_id is not None:
+            images = [image_spans(row, self.image_token_id) for row in input_ids.tolist()]
+        meta = cache.step(L, images=images)
+        return self(input_ids.reshape(-1), meta.positions, meta, pixel_values=pixel_values).view(B, L, -1)

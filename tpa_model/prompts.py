@@ -1,12 +1,60 @@
-"""Prompt assembly for chats with images: where each image's soft tokens go."""
+"""Prompt assembly: token ids (and pixels) of a chat, the one function every front uses."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+import torch
+from PIL import Image
+
+from .image_processing import ImageProcessorConfig, load_image, preprocess
 from .tokenizer import GemmaTokenizer
+from .vision import VisionConfig
 
 BOI, EOI, IMAGE_TOKEN = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
+
+
+@dataclass
+class PromptInputs:
+    token_ids: list[int]
+    pixel_values: torch.Tensor | None = None  # [num_images (with crops), 3, size, size]
+
+
+def build_chat_inputs(
+    tokenizer: GemmaTokenizer,
+    vision: VisionConfig | None,
+    messages: list[dict],
+    images: Sequence[Image.Image] = (),
+    pan_and_scan: bool = False,
+) -> PromptInputs:
+    """A chat through the template; its `{"type": "image"}` parts are `images`, in order, each expanded to its
+    soft tokens (and its pan-and-scan crops'). The API, tpa-generate and LLM all build prompts here."""
+    if not images:
+        return PromptInputs(tokenizer.encode_chat(messages))
+    if vision is None:
+        raise ValueError("this model has no vision tower; it cannot read images")
+    config = ImageProcessorConfig(image_size=vision.image_size, do_pan_and_scan=pan_and_scan)
+    pixel_values, crops = preprocess(list(images), config)
+    return PromptInputs(encode_chat_with_images(tokenizer, messages, vision.mm_tokens_per_image, crops), pixel_values)
+
+
+def split_images(messages: list[dict]) -> tuple[list[dict], list[Image.Image]]:
+    """Messages whose image parts carry their image (`{"type": "image", "image": PIL image, path or bytes}`)
+    -> the same messages with bare image parts, and the decoded images in order."""
+    images, out = [], []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if part.get("type") == "image" and part.get("image") is not None:
+                    images.append(load_image(part["image"]))
+                    part = {"type": "image"}
+                parts.append(part)
+            m = {**m, "content": parts}
+        out.append(m)
+    return out, images
 
 
 def expand_images(text: str, mm_tokens_per_image: int, crops_per_image: Sequence[int] | None = None) -> str:

@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .attention import Factors, attend
+from .backends import attend
 from .config import TextConfig
 from .layers import RMSNorm, apply_rope
 
 if TYPE_CHECKING:
-    from .cache import FactorCache
+    from .metadata import AttentionMetadata
 
 
 class FactorProjection(nn.Module):
@@ -55,6 +55,16 @@ class FactorProjection(nn.Module):
             token = apply_rope(token, *rope)
         return head, token
 
+    def cache_entries(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """What the cache stores for these tokens: the factors below full rank, else the plain per-head
+        vectors [..., n_heads, d] (at R = n_heads factors cost more than the vectors they describe)."""
+        head, token = self(x, rope)
+        if self.rank < self.n_heads:
+            return head, token
+        return (combine(head, token),)
+
     def head_weights(self) -> torch.Tensor:
         """The per-head projection these factors represent, [n_heads, d, hidden] (norm excluded)."""
         W_b = self.token_proj.weight.unflatten(0, (self.rank, self.head_dim))
@@ -80,35 +90,22 @@ class TPAttention(nn.Module):
             self.q = None
         else:
             self.q = FactorProjection(D, H, d, c.tpa.q_rank, norm=True, eps=eps)
-        self.k = FactorProjection(D, G, d, c.k_rank, norm=True, eps=eps)
-        self.v = FactorProjection(D, G, d, c.v_rank, norm=False, eps=eps)
+        k_rank, v_rank = c.layer_ranks(layer)
+        self.k = FactorProjection(D, G, d, k_rank, norm=True, eps=eps)
+        self.v = FactorProjection(D, G, d, v_rank, norm=False, eps=eps)
         self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=False)
 
     def queries(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """[B, L, H, d]: queries are not cached, so they are materialized even when factored."""
+        """[N, H, d]: queries are not cached, so they are materialized even when factored."""
         if self.q is None:
             q = self.q_norm(self.q_proj(x).unflatten(-1, (self.n_heads, self.head_dim)))
             return apply_rope(q, *rope)
         return combine(*self.q(x, rope))
 
-    def factors(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> Factors:
-        a_k, b_k = self.k(x, rope)
-        a_v, b_v = self.v(x)
-        return Factors(a_k, b_k, a_v, b_v)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor,
-        cache: FactorCache | None = None,
-    ) -> torch.Tensor:
-        B, L, _ = x.shape
-        q = self.queries(x, rope).transpose(1, 2)  # [B, H, L, d]
-        kv = self.factors(x, rope)
-        if cache is None:
-            out = attend(q, kv, mask, self.scale)
-        else:
-            out = cache.attend(self.layer, q, kv, mask, self.scale)
-        return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
-
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata):
+        """x: [N, D], the step's new tokens. Their keys and values go into the cache, then every query attends
+        over its sequence's cached tokens."""
+        q = self.queries(x, rope)
+        k, v = self.k.cache_entries(x, rope), self.v.cache_entries(x)
+        out = attend(self.layer, q, k, v, meta, self.scale)
+        return self.o_proj(out.flatten(1))

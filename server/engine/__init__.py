@@ -1,1 +1,1 @@
-"""The inference engine: scheduling, paged factor cache bookkeeping, sampling, detokenization."""
+"""The inference engine: scheduling, block bookkeeping, the model runner, sampling, detokenization."""

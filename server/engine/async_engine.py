@@ -51,9 +51,9 @@ class EngineStats:
     num_waiting: int  # sequences queued in the scheduler (new or preempted)
     num_pending: int  # sequences submitted but not yet handed to the engine thread
     num_in_flight: int  # requests whose stream is still open
-    block_usage: dict[str, tuple[int, int]]  # group -> (used, total) blocks
+    block_usage: dict[str, tuple[int, int]]  # cache pool -> (used, total) blocks
     num_preemptions: int
-    prefix_cache_hits: int  # blocks served from the prefix cache, summed over groups
+    prefix_cache_hits: int  # blocks served from the prefix cache, summed over pools
     num_prompt_tokens: int
     num_generated_tokens: int
     is_alive: bool
@@ -222,6 +222,21 @@ class AsyncEngine:
         if self._request_stop():
             await asyncio.to_thread(self._thread.join, timeout)
 
+    # -- what the front needs to know of the model ------------------------------------------------------
+
+    @property
+    def vision_config(self):
+        """The model's vision config, or None for a text-only model."""
+        return self.engine.vision_config
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def build_inputs(self, messages: list[dict], images=(), pan_and_scan: bool = False):
+        """Prompt ids and pixels of a chat (see LLMEngine.build_inputs); safe on the event loop's thread."""
+        return self.engine.build_inputs(messages, images, pan_and_scan)
+
     @property
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self.fatal_error is None
@@ -237,16 +252,16 @@ class AsyncEngine:
     ) -> RequestStream:
         """Hand a request to the engine and wait until it is accepted; returns its output stream.
 
-        Raises at once: QueueFullError (max_waiting reached), EngineDeadError, ValueError (bad token ids or a
-        duplicate request id). Raises after the engine thread's check: whatever `add_request` raised
-        (ValueError / ParamError / CapacityError). The caller must close() the stream if it stops early;
+        Raises at once: QueueFullError (max_waiting reached), EngineDeadError, ValueError (a duplicate request
+        id). Raises after the engine thread's check: whatever `add_request` raised (ValueError for bad token
+        ids, images or lengths / ParamError / CapacityError). The caller must close() the stream if it stops early;
         `generate` does that for you.
         """
         self._bind_loop()
         request_id = request_id if request_id is not None else f"req-{uuid.uuid4().hex}"
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        prompt_ids = self._check_tokens(prompt_ids)
+        prompt_ids = list(prompt_ids)
         stream = RequestStream(self, request_id, prompt_ids, params)
         with self._cond:
             if self._closed or self._stop_requested:
@@ -270,15 +285,6 @@ class AsyncEngine:
             stream.close()  # cancelled while waiting: the engine may have taken it already
             raise
         return stream
-
-    def _check_tokens(self, prompt_ids: list[int]) -> list[int]:
-        """Ids outside the embedding would crash the forward (and with it every request), so refuse them here."""
-        vocab = self.engine.model.config.vocab_size
-        ids = list(prompt_ids)
-        for t in ids:
-            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
-                raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {t!r}")
-        return ids
 
     async def generate(
         self,

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import math
 from dataclasses import dataclass, field
 
 import torch
 
-from tpa_model.capacity import CapacityReport, report_for_pools, tpa_layout
-from tpa_model.config import GLOBAL, SLIDING
+from tpa_model.metadata import image_spans
 from tpa_model.model import GemmaTPAModel
-from tpa_model.paged import PagedContext, PagedFactorCache, SequenceChunk
+from tpa_model.prompts import PromptInputs, build_chat_inputs
 from tpa_model.sampling import SamplingParams, make_generator, sample
 from tpa_model.tokenizer import GemmaTokenizer
 
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
+from .model_runner import ModelRunner, StepOutput
 from .scheduler import ImageInput, Scheduler, Sequence, Status
 
 log = logging.getLogger("gemma_tpa.engine")
@@ -51,83 +51,69 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     cache_memory_gib: float | None = None  # default: 90% of free GPU memory on CUDA, 1 GiB on CPU
-    num_blocks: dict[str, int] | None = None  # exact pool sizes (tests); overrides cache_memory_gib
+    num_blocks: int | dict[str, int] | None = None  # exact pool sizes (tests), by pool name; overrides memory
     prefix_caching: bool = True
 
 
-def plan_blocks(model: GemmaTPAModel, cfg: EngineConfig, cache_bytes: int) -> dict[str, int]:
-    """Split the cache memory: sliding layers get the blocks their windows need, global layers the rest."""
-    text = model.config
-    block_bytes = tpa_layout(text, model.dtype, cfg.block_size).block_bytes  # read off the real layout
-    window_blocks = math.ceil(text.sliding_window / cfg.block_size) + 1
-    sliding = cfg.max_num_seqs * window_blocks + math.ceil(cfg.max_num_batched_tokens / cfg.block_size) + 1
-    sliding = sliding if block_bytes[SLIDING] else 0
-    left = cache_bytes - sliding * block_bytes[SLIDING]
-    global_blocks = left // block_bytes[GLOBAL] if block_bytes[GLOBAL] else 0
-    if left < 0 or (block_bytes[GLOBAL] and global_blocks < 1):
-        raise ValueError(
-            f"{cache_bytes / 2**30:.3f} GiB of cache memory is too little: the sliding-window layers alone need "
-            f"{sliding * block_bytes[SLIDING] / 2**30:.3f} GiB for {cfg.max_num_seqs} sequences"
-        )
-    return {GLOBAL: int(global_blocks), SLIDING: int(sliding)}
-
-
-def default_cache_bytes(model: GemmaTPAModel) -> int:
-    if model.device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(model.device)
-        return int(free * 0.9)
-    return 1 << 30
-
-
 class LLMEngine:
+    """Requests in, tokens and text out. `step()` schedules, runs the model once, samples, detokenizes."""
+
     def __init__(self, model: GemmaTPAModel, tokenizer: GemmaTokenizer, config: EngineConfig | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.config = cfg = config or EngineConfig()
         text = model.config
         self.max_model_len = min(cfg.max_model_len or text.max_position_embeddings, text.max_position_embeddings)
-        if cfg.num_blocks is not None:
-            num_blocks = cfg.num_blocks
-        else:
-            cache_bytes = int(cfg.cache_memory_gib * 2**30) if cfg.cache_memory_gib else default_cache_bytes(model)
-            num_blocks = plan_blocks(model, cfg, cache_bytes)
-        self.cache = PagedFactorCache(text, num_blocks, cfg.block_size, model.dtype, model.device)
+        cache_bytes = int(cfg.cache_memory_gib * 2**30) if cfg.cache_memory_gib else None
+        self.runner = ModelRunner(model, cfg.block_size, self.max_model_len, cfg.max_num_seqs,
+                                  cfg.max_num_batched_tokens, cache_bytes, cfg.num_blocks)
         self.managers = {
-            GLOBAL: BlockManager(num_blocks[GLOBAL], cfg.block_size, None, cfg.prefix_caching),
-            SLIDING: BlockManager(num_blocks[SLIDING], cfg.block_size, text.sliding_window, cfg.prefix_caching),
+            pool: BlockManager(blocks, cfg.block_size, window, cfg.prefix_caching)
+            for pool, (window, blocks) in self.runner.pools.items()
         }
+        longest = min((blocks * cfg.block_size for window, blocks in self.runner.pools.values() if window is None),
+                      default=self.max_model_len)
+        if longest < self.max_model_len:
+            log.warning("the KV cache holds %d tokens per sequence; lowering max_model_len from %d to %d",
+                        longest, self.max_model_len, longest)
+            self.max_model_len = longest
         self.scheduler = Scheduler(
             self.managers, cfg.block_size, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len
         )
-        longest = num_blocks[GLOBAL] * cfg.block_size if GLOBAL in text.layer_types else self.max_model_len
-        if longest < self.max_model_len:
-            log.warning("the factor cache holds %d tokens; lowering max_model_len from %d to %d",
-                        longest, self.max_model_len, longest)
-            self.max_model_len = longest
-        self.scheduler.max_model_len = self.max_model_len
-        self.capacity: CapacityReport = report_for_pools(self.cache, self.max_model_len, cfg.max_num_seqs)
         log.info("%s", self.capacity.format())
         self.eos_ids = frozenset(tokenizer.stop_token_ids) | frozenset(text.eos_token_id)
+        self.never_sampled = self._never_sampled_ids()
         self.requests: dict[str, list[Sequence]] = {}
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.num_prompt_tokens = 0
         self.num_generated_tokens = 0
 
+    @property
+    def capacity(self):
+        return self.runner.capacity
+
+    @property
+    def vision_config(self):
+        """The model's vision config, or None for a text-only model."""
+        return self.model.vision_config
+
+    def build_inputs(self, messages: list[dict], images=(), pan_and_scan: bool = False) -> PromptInputs:
+        """Token ids and pixels of a chat whose image parts are `images` (decoded PIL images), in order. Reads
+        only the tokenizer and the configs, so any thread may call it."""
+        return build_chat_inputs(self.tokenizer, self.model.vision_config, messages, images, pan_and_scan)
+
+    def _never_sampled_ids(self) -> torch.Tensor:
+        """Embedding rows past the tokenizer's vocabulary, and image soft tokens (only images make them)."""
+        ids = list(range(self.tokenizer.vocab_size, self.model.config.vocab_size))
+        if self.model.image_token_id is not None and self.model.image_token_id < self.model.config.vocab_size:
+            ids.append(self.model.image_token_id)
+        return torch.tensor(ids, dtype=torch.long, device=self.model.device)
+
     # -- requests ---------------------------------------------------------------------------------------
 
     def image_inputs(self, prompt_ids: list[int], pixel_values: torch.Tensor | None) -> list[ImageInput]:
         """Pair each run of image soft tokens in the prompt with its image, checking that they match."""
-        token = self.model.image_token_id
-        runs, pos = [], 0
-        while token is not None and pos < len(prompt_ids):
-            if prompt_ids[pos] == token:
-                end = pos
-                while end < len(prompt_ids) and prompt_ids[end] == token:
-                    end += 1
-                runs.append((pos, end))
-                pos = end
-            else:
-                pos += 1
+        runs = image_spans(prompt_ids, self.model.image_token_id)
         num_images = 0 if pixel_values is None else len(pixel_values)
         if num_images and self.model.vision_config is None:
             raise ValueError("this model has no vision tower; it cannot read images")
@@ -138,9 +124,15 @@ class LLMEngine:
         for (a, b), pv in zip(runs, pixel_values if num_images else []):
             if b - a != per_image:
                 raise ValueError(f"an image takes {per_image} soft tokens, but the prompt has a run of {b - a}")
-            key = hash((pv.shape, pv.detach().cpu().numpy().tobytes()))
-            images.append(ImageInput(a, b, pv, key))
+            images.append(ImageInput(a, b, pv, image_key(pv)))
         return images
+
+    def check_token_ids(self, prompt_ids: list[int]) -> None:
+        """Ids outside the embedding would fail the step of every request in the batch: refuse them here."""
+        vocab, image = self.model.config.vocab_size, self.model.image_token_id
+        for t in prompt_ids:
+            if not isinstance(t, int) or isinstance(t, bool) or not (0 <= t < vocab or t == image):
+                raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {t!r}")
 
     def add_request(
         self,
@@ -157,6 +149,7 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         if not prompt_ids:
             raise ValueError("the prompt is empty")
+        self.check_token_ids(prompt_ids)
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(f"the prompt ({len(prompt_ids)} tokens) fills the maximum model length of "
                              f"{self.max_model_len} tokens")
@@ -198,40 +191,32 @@ class LLMEngine:
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
-        """Schedule, run one packed forward, sample; returns the requests that made progress."""
+        """Schedule, run one packed forward, sample, detokenize; returns the requests that made progress."""
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
-        device = self.model.device
-        input_ids = torch.tensor(
-            [t for c in chunks for t in c.seq.token_ids[c.start : c.start + c.length]], dtype=torch.long, device=device
-        )
-        seq_chunks, pixels = [], []
-        for c in chunks:
-            images = [im for im in c.seq.images if c.start <= im.start and im.end <= c.start + c.length]
-            pixels += [im.pixel_values for im in images]
-            tables = {g: m.tables[c.seq.seq_id] for g, m in self.managers.items()}
-            seq_chunks.append(SequenceChunk(c.start, c.length, tables, [(im.start, im.end) for im in images]))
-        ctx = PagedContext(self.cache, seq_chunks, device)
-        sampling = [i for i, c in enumerate(chunks) if c.samples]
-        rows = torch.tensor([ctx.offsets[i + 1] - 1 for i in sampling], dtype=torch.long, device=device)
-        pixel_values = torch.stack(pixels) if pixels else None
-        logits = self.model.forward_paged(input_ids, ctx, rows, pixel_values).float()
+        out = self.runner.run(chunks)
         for c in chunks:
             self.scheduler.advance(c)
-        if not sampling:
+        tokens = self.sample(out)
+        return self.detokenize(out.sampling, tokens)
+
+    def sample(self, out: StepOutput) -> list[tuple[int, float | None, list | None]]:
+        """(token, logprob, top logprobs) for each sampling sequence."""
+        if not out.sampling:
             return []
-        logits[:, self.tokenizer.vocab_size :] = float("-inf")  # embedding rows past the tokenizer
-        seqs = [chunks[i].seq for i in sampling]
-        result = sample(
-            logits, [s.params for s in seqs], [s.generator for s in seqs],
-            [s.prompt_ids for s in seqs], [s.output_ids for s in seqs],
-        )
+        logits = out.logits
+        logits[:, self.never_sampled] = float("-inf")
+        seqs = [c.seq for c in out.sampling]
+        result = sample(logits, [s.params for s in seqs], [s.generator for s in seqs],
+                        [s.prompt_ids for s in seqs], [s.output_ids for s in seqs])
+        return list(zip(result.token_ids, result.logprobs, result.top_logprobs))
+
+    def detokenize(self, chunks, tokens) -> list[RequestOutput]:
         progressed: dict[str, list[tuple[Sequence, str]]] = {}
-        for i, seq in enumerate(seqs):
-            token = result.token_ids[i]
-            delta = self._append(seq, token, result.logprobs[i], result.top_logprobs[i])
-            progressed.setdefault(seq.request_id, []).append((seq, delta))
+        for chunk, (token, logprob, top) in zip(chunks, tokens):
+            delta = self._append(chunk.seq, token, logprob, top)
+            progressed.setdefault(chunk.seq.request_id, []).append((chunk.seq, delta))
         return [self._output(rid, deltas) for rid, deltas in progressed.items()]
 
     def _append(self, seq: Sequence, token: int, logprob, top) -> str:
@@ -284,9 +269,17 @@ class LLMEngine:
     # -- introspection ----------------------------------------------------------------------------------
 
     def block_usage(self) -> dict[str, tuple[int, int]]:
-        """(used, total) blocks per group; cached-but-unreferenced blocks count as free."""
+        """(used, total) blocks per cache pool; cached-but-unreferenced blocks count as free."""
         return {g: (m.pool.num_blocks - m.num_free, m.pool.num_blocks) for g, m in self.managers.items()}
 
     @property
     def num_preemptions(self) -> int:
         return self.scheduler.num_preemptions
+
+
+def image_key(pixel_values: torch.Tensor) -> int:
+    """A negative 56-bit digest of an image's pixels: it stands in for the image's soft tokens in prefix
+    hashing, so two prompts share blocks past an image only if the images are equal (token ids are >= 0)."""
+    data = pixel_values.detach().cpu().contiguous()
+    digest = hashlib.sha256(str(tuple(data.shape)).encode() + data.numpy().tobytes()).digest()
+    return -1 - int.from_bytes(digest[:7], "little")

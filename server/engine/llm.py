@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from tpa_model.loader import load_model
+from tpa_model.prompts import PromptInputs, split_images
 from tpa_model.sampling import SamplingParams
 from tpa_model.tokenizer import GemmaTokenizer
 
@@ -18,7 +19,7 @@ Prompt = str | list[int] | list[dict]
 
 
 class LLM:
-    """Batch generation with continuous batching over the paged factor cache, in this process."""
+    """Batch generation with continuous batching over the paged KV cache, in this process."""
 
     def __init__(
         self,
@@ -40,13 +41,15 @@ class LLM:
         self.engine = LLMEngine(model, self.tokenizer, engine_config)
         self._ids = itertools.count()
 
-    def encode(self, prompt: Prompt) -> list[int]:
-        """Text is used as is (with bos), a list of messages goes through the chat template, ids pass through."""
+    def encode(self, prompt: Prompt) -> PromptInputs:
+        """Text is used as is (with bos); a list of messages goes through the chat template, with image parts
+        `{"type": "image", "image": PIL image, path or bytes}`; token ids pass through."""
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt, add_bos=True)
+            return PromptInputs(self.tokenizer.encode(prompt, add_bos=True))
         if prompt and isinstance(prompt[0], dict):
-            return self.tokenizer.encode_chat(prompt)
-        return list(prompt)
+            messages, images = split_images(prompt)
+            return self.engine.build_inputs(messages, images)
+        return PromptInputs(list(prompt))
 
     def generate(
         self, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None
@@ -57,7 +60,8 @@ class LLM:
         order = []
         for prompt, p in zip(prompts, params_list):
             request_id = f"offline-{next(self._ids)}"
-            self.engine.add_request(request_id, self.encode(prompt), p)
+            inputs = self.encode(prompt)
+            self.engine.add_request(request_id, inputs.token_ids, p, inputs.pixel_values)
             order.append(request_id)
         done: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished():

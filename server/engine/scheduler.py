@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tpa_model.kv_cache import max_blocks_per_seq
 from tpa_model.sampling import SamplingParams
 
-from .block_manager import BlockManager, block_hashes
+from .block_manager import BlockManager, block_digest
 
 
 class Status(enum.Enum):
@@ -38,7 +39,7 @@ class ImageInput:
     start: int
     end: int
     pixel_values: torch.Tensor  # [3, size, size]
-    key: int  # content hash: two prompts share cache blocks only if their images are the same
+    key: int  # content digest (negative, unlike token ids): prompts share blocks only if their images are equal
 
 
 @dataclass(eq=False)
@@ -60,17 +61,33 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
     images: list[ImageInput] = field(default_factory=list)
+    hashes: list[bytes] = field(default_factory=list)  # digests of the full blocks hashed so far
 
     @property
     def token_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
-    def hash_ids(self, end: int) -> list[int]:
-        """Tokens [0, end) for prefix hashing, with each image's soft tokens keyed by its content."""
-        ids = self.token_ids[:end]
+    def tokens(self, start: int, end: int) -> list[int]:
+        """token_ids[start:end] without copying the whole sequence."""
+        n = len(self.prompt_ids)
+        if start >= n:
+            return self.output_ids[start - n : end - n]
+        return self.prompt_ids[start:end] + self.output_ids[: max(0, end - n)]
+
+    def block_hashes(self, num_tokens: int, block_size: int) -> list[bytes]:
+        """Digests of the full blocks among the first num_tokens tokens. They are kept and extended as the
+        sequence grows (its tokens never change), so each block is hashed once."""
+        for i in range(len(self.hashes), num_tokens // block_size):
+            parent = self.hashes[-1] if self.hashes else b""
+            self.hashes.append(block_digest(parent, self.hash_ids(i * block_size, (i + 1) * block_size)))
+        return self.hashes[: num_tokens // block_size]
+
+    def hash_ids(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) for prefix hashing, with each image's soft tokens keyed by its content."""
+        ids = self.tokens(start, end)
         for image in self.images:
-            for pos in range(image.start, min(image.end, end)):
-                ids[pos] = image.key
+            for pos in range(max(image.start, start), min(image.end, end)):
+                ids[pos - start] = image.key
         return ids
 
     def chunk_length(self, start: int, budget: int) -> int:
@@ -95,6 +112,12 @@ class ScheduledChunk:
     seq: Sequence
     start: int
     length: int
+    block_tables: list[list[int]] = field(default_factory=list)  # per cache pool, filled when scheduled
+
+    @property
+    def images(self) -> list[ImageInput]:
+        """The images whose soft tokens are computed in this chunk (an image is never split)."""
+        return [im for im in self.seq.images if self.start <= im.start and im.end <= self.start + self.length]
 
     @property
     def samples(self) -> bool:
@@ -124,23 +147,22 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
 
-    def check_fits(self, num_tokens: int) -> None:
+    def check_fits(self, num_tokens: int, longest_image: int = 0) -> None:
         """Refuse at once what could never be scheduled, instead of letting it wait forever."""
         if num_tokens > self.max_model_len:
             raise CapacityError(f"{num_tokens} tokens exceed the maximum model length of {self.max_model_len}")
-        for group, m in self.managers.items():
-            need = -(-num_tokens // self.block_size) if m.window is None else -(
-                -(min(num_tokens, m.window + self.max_num_batched_tokens)) // self.block_size
-            ) + 1
+        chunk = max(self.max_num_batched_tokens, longest_image)
+        for pool, m in self.managers.items():
+            need = max_blocks_per_seq(num_tokens, self.block_size, m.window, chunk)
             if need > m.pool.num_blocks:
                 raise CapacityError(
-                    f"{num_tokens} tokens need {need} cache blocks on {group} layers, but the cache has only "
+                    f"{num_tokens} tokens need {need} blocks of the {pool} cache pool, but it has only "
                     f"{m.pool.num_blocks}; give the server more cache memory or send a shorter prompt"
                 )
 
     def add(self, seq: Sequence, max_total_tokens: int) -> None:
         """Queue a sequence that may grow to max_total_tokens; refuse it now if it could never get there."""
-        self.check_fits(max_total_tokens)
+        self.check_fits(max_total_tokens, max((im.end - im.start for im in seq.images), default=0))
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
@@ -167,8 +189,8 @@ class Scheduler:
         self.num_preemptions += 1
 
     def _take_prefix(self, seq: Sequence) -> None:
-        """Start a new sequence on the longest cached prefix all groups can serve."""
-        hashes = block_hashes(seq.hash_ids(seq.num_tokens), self.block_size)
+        """Start a new sequence on the longest cached prefix every pool can serve."""
+        hashes = seq.block_hashes(seq.num_tokens, self.block_size)
         n_max = min(len(hashes), (seq.num_tokens - 1) // self.block_size)  # compute >= 1 token for logits
         for n in range(n_max, 0, -1):
             if seq.splits_image(n * self.block_size):
@@ -225,6 +247,8 @@ class Scheduler:
             chunks.append(ScheduledChunk(seq, start, length))
             budget -= length
             budget = max(budget, 0)
+        for chunk in chunks:
+            chunk.block_tables = [m.tables[chunk.seq.seq_id] for m in self.managers.values()]
         return chunks
 
     # -- after the forward ------------------------------------------------------------------------------
@@ -233,7 +257,7 @@ class Scheduler:
         """The chunk's factors are in the cache: publish full blocks, drop what slid out of the window."""
         seq = chunk.seq
         seq.num_computed = chunk.start + chunk.length
-        hashes = block_hashes(seq.hash_ids(seq.num_computed), self.block_size)
+        hashes = seq.block_hashes(seq.num_computed, self.block_size)
         for m in self.managers.values():
             m.register_full_blocks(seq.seq_id, hashes, seq.num_computed)
             m.slide(seq.seq_id, seq.num_computed)

@@ -1,0 +1,70 @@
+"""Attention backends: how new keys and values enter the cache and how queries attend over it.
+
+A backend implements three operations on one layer's storage (a LayerKV, see kv_cache.py), reading the
+cache through the step's block tables:
+    write(kv, slots, k, v)                    store the new tokens' keys and values (plain or factors)
+    decode(q, kv, pool, meta, scale)          one query token for each of the first meta.num_decodes sequences
+    prefill(q, kv, pool, meta, seq, scale)    the new tokens of one sequence, over its cached prefix and itself
+`attend` runs them for one layer of a step. The PyTorch reference backend runs everywhere; a fused kernel
+is a second backend behind the same interface.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+if TYPE_CHECKING:
+    from ..kv_cache import LayerKV
+    from ..metadata import AttentionMetadata, PoolMetadata
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def write(self, kv: LayerKV, slots: torch.Tensor, k: tuple[torch.Tensor, ...], v: tuple[torch.Tensor, ...]):
+        ...
+
+    def decode(
+        self, q: torch.Tensor, kv: LayerKV, pool: PoolMetadata, meta: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        """q [D, H, d] for the D decode sequences -> [D, H, d]."""
+        ...
+
+    def prefill(
+        self, q: torch.Tensor, kv: LayerKV, pool: PoolMetadata, meta: AttentionMetadata, seq: int, scale: float
+    ) -> torch.Tensor:
+        """q [L, H, d], the new tokens of sequence `seq` -> [L, H, d]."""
+        ...
+
+
+def attend(
+    layer: int,
+    q: torch.Tensor,
+    k: tuple[torch.Tensor, ...],
+    v: tuple[torch.Tensor, ...],
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Store one layer's new keys and values, then attend every query of the step. q: [N, H, d]."""
+    kv = meta.kv.layers[layer]
+    pool = meta.pools[meta.kv.pool_of_layer[layer]]
+    backend = meta.backend
+    backend.write(kv, pool.slot_mapping, k, v)
+    if meta.num_decodes == meta.num_seqs:
+        return backend.decode(q, kv, pool, meta, scale)
+    out = torch.empty_like(q)
+    split = meta.query_start[meta.num_decodes]
+    if split:
+        out[:split] = backend.decode(q[:split], kv, pool, meta, scale)
+    for seq in meta.prefill_seqs():
+        lo, hi = meta.query_start[seq], meta.query_start[seq + 1]
+        out[lo:hi] = backend.prefill(q[lo:hi], kv, pool, meta, seq, scale)
+    return out
+
+
+def default_backend(device: torch.device | str) -> AttentionBackend:
+    from .reference import ReferenceBackend
+
+    return ReferenceBackend()

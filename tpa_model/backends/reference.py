@@ -1,0 +1,175 @@
+"""The PyTorch reference backend: attention over plain or factored caches, read through block tables.
+
+Keys are visited in tiles of whole blocks, gathered for all sequences at once and merged with an online
+softmax (flash-decoding's split along the sequence, done one tile after another). A tile's size is bounded
+in bytes and in score elements, so memory stays flat at any context length and a tile's gathered factors
+are still in cache when the products read them.
+
+On factors, every query head meets the token factors in one product (they are shared by all heads), and the
+head factors then weight each (token, rank) pair per kv group:
+    s[h, t] = scale * sum_r a_k[t, r, g(h)] * (q_h . b_k[t, r])
+    o_h     = sum_{t, r} (p[h, t] * a_v[t, r, g(h)]) * b_v[t, r]
+Plain parts are standard GQA: the query heads of a group against that group's keys.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..kv_cache import LayerKV
+from ..metadata import AttentionMetadata, PoolMetadata
+
+TILE_BYTES = 4 << 20  # cache bytes gathered per tile
+TILE_SCORES = 8 << 20  # score elements per tile
+NEG = -1e30  # running-max floor: a fully masked tile then adds exp(-inf) = 0, never NaN
+
+
+class ReferenceBackend:
+    name = "reference"
+
+    def __init__(self, tile_bytes: int = TILE_BYTES, tile_scores: int = TILE_SCORES):
+        self.tile_bytes, self.tile_scores = tile_bytes, tile_scores
+
+    def write(self, kv: LayerKV, slots: torch.Tensor, k: tuple[torch.Tensor, ...], v: tuple[torch.Tensor, ...]):
+        for store, new in zip(kv.tensors(), k + v):
+            if new.shape[1:] == store.shape[1:]:  # factors: [slots, R, width]
+                store.index_copy_(0, slots, new.to(store.dtype))
+            else:  # plain: [G, slots, d] from [N, G, d]
+                store.index_copy_(1, slots, new.transpose(0, 1).to(store.dtype))
+
+    def decode(self, q: torch.Tensor, kv: LayerKV, pool: PoolMetadata, meta: AttentionMetadata, scale: float):
+        D = q.shape[0]
+        nb = pool.decode_blocks(D)
+        out = self.attend(
+            q.unsqueeze(2), kv, pool.block_tables[:D, :nb], pool.first_key_pos[:D],
+            meta.positions[:D, None], meta.limits[:D, None], pool.window, pool.block_size, scale,
+        )
+        return out[:, :, 0]
+
+    def prefill(self, q: torch.Tensor, kv: LayerKV, pool: PoolMetadata, meta: AttentionMetadata, seq: int,
+                scale: float):
+        lo, hi = meta.query_start[seq], meta.query_start[seq + 1]
+        table = pool.block_tables[seq : seq + 1, : pool.num_blocks[seq]]
+        args = (kv, table, pool.first_key_pos[seq : seq + 1], meta.positions[None, lo:hi], meta.limits[None, lo:hi],
+                pool.window, pool.block_size, scale)
+        q = q.transpose(0, 1).unsqueeze(0)  # [1, H, L, d]
+        if kv.spec.k_factored or kv.spec.v_factored:
+            out = self.attend(q, *args)
+        else:
+            out = plain_prefill(q, *args)
+        return out[0].transpose(0, 1)
+
+    # -- the tiled loop ---------------------------------------------------------------------------------
+
+    def attend(self, q, kv: LayerKV, table, first_pos, q_pos, limits, window, block_size, scale) -> torch.Tensor:
+        """q [B, H, L, d]; table [B, nb]; first_pos [B]; q_pos, limits [B, L]. Returns [B, H, L, d]."""
+        B, H, L, d = q.shape
+        G = kv.spec.kv_heads
+        q = q.contiguous().view(B, G, H // G * L, d)
+        tile = self.tile_blocks(B, H, L, kv, block_size)
+        nb = table.shape[1]
+        if nb <= tile:  # one tile: a plain softmax
+            s = masked_scores(q, kv, table, first_pos, 0, q_pos, limits, window, block_size, scale, L)
+            out = tile_values(torch.softmax(s, dim=-1), kv, table, block_size)
+            return out.reshape(B, H, L, d).to(q.dtype)
+        m = torch.full((B, G, H // G, L, 1), NEG, device=q.device)
+        total = torch.zeros_like(m)
+        acc = torch.zeros(B, G, H // G, L, d, device=q.device)
+        for j in range(0, nb, tile):
+            blocks = table[:, j : j + tile]
+            s = masked_scores(q, kv, blocks, first_pos, j * block_size, q_pos, limits, window, block_size, scale, L)
+            m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+            p = torch.exp(s - m_new)
+            alpha = torch.exp(m - m_new)
+            total = total * alpha + p.sum(-1, keepdim=True)
+            acc = acc * alpha + tile_values(p, kv, blocks, block_size)
+            m = m_new
+        return (acc / total).reshape(B, H, L, d).to(q.dtype)
+
+    def tile_blocks(self, B: int, H: int, L: int, kv: LayerKV, block_size: int) -> int:
+        """Blocks per tile: the gathered cache and the scores both stay within their budgets."""
+        bytes_per_token = kv.nbytes // kv.k[0].shape[0 if kv.spec.k_factored else 1]
+        scores_per_token = B * H * L * (kv.spec.k_rank if kv.spec.k_factored else 1)
+        tokens = min(self.tile_bytes // (B * bytes_per_token), self.tile_scores // scores_per_token)
+        return max(1, tokens // block_size)
+
+
+def key_visibility(first_pos, offset, T, q_pos, limits, window) -> torch.Tensor:
+    """Bool [B, L, T]: key t of the tile (position first_pos + offset + t) is visible to each query."""
+    key_pos = first_pos[:, None] + offset + torch.arange(T, device=first_pos.device)  # [B, T]
+    visible = key_pos[:, None, :] <= limits[:, :, None]
+    if window is not None:
+        visible &= (q_pos[:, :, None] - key_pos[:, None, :]) < window
+    return visible
+
+
+def masked_scores(q, kv: LayerKV, blocks, first_pos, offset, q_pos, limits, window, block_size, scale, L):
+    """Float32 scores [B, G, H/G, L, T] of one tile, invisible keys at -inf. q: [B, G, H/G * L, d]."""
+    B, G = q.shape[:2]
+    T = blocks.shape[1] * block_size
+    if kv.spec.k_factored:
+        s = factor_scores(q, kv.k, blocks, block_size).view(B, G, -1, L, T)
+    else:  # group-major: a view, no copy
+        s = plain_scores(q, kv.k[0], blocks, block_size).view(G, B, -1, L, T).transpose(0, 1)
+    visible = key_visibility(first_pos, offset, T, q_pos, limits, window)
+    return (s.float() * scale).masked_fill(~visible[:, None, None], float("-inf"))
+
+
+def gather_plain(store: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[G, B, T, d]: the tile's blocks of a plain part [G, slots, d], one contiguous copy per block."""
+    G, _, d = store.shape
+    tile = store.view(G, -1, block_size * d).index_select(1, blocks.reshape(-1))
+    return tile.view(G, blocks.shape[0], -1, d)
+
+
+def gather_factor(store: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[B, T, R, width]: the tile's blocks of a factor tensor [slots, R, width]."""
+    _, R, width = store.shape
+    tile = store.view(-1, block_size * R * width).index_select(0, blocks.reshape(-1))
+    return tile.view(blocks.shape[0], -1, R, width)
+
+
+def plain_scores(q, keys: torch.Tensor, blocks, block_size) -> torch.Tensor:
+    """[G, B, M, T]: each group's queries against its own keys. keys: [G, slots, d]."""
+    k = gather_plain(keys, blocks, block_size)
+    return torch.matmul(q.transpose(0, 1), k.transpose(-1, -2))
+
+
+def factor_scores(q, parts: tuple[torch.Tensor, torch.Tensor], blocks, block_size) -> torch.Tensor:
+    """[B, G, M, T]: all query heads against the token factors in one product, then the head factors."""
+    head, token = parts
+    B, G, M, d = q.shape
+    R = token.shape[1]
+    b = gather_factor(token, blocks, block_size).view(B, -1, d)  # [B, T*R, d]
+    a = gather_factor(head, blocks, block_size)  # [B, T, R, G]
+    qb = torch.matmul(q.view(B, G * M, d), b.transpose(1, 2)).view(B, G, M, -1, R)
+    a = a.permute(0, 3, 1, 2).unsqueeze(2)  # [B, G, 1, T, R]
+    if R == 1:
+        return qb[..., 0] * a[..., 0]
+    return (qb * a).sum(-1)
+
+
+def tile_values(p: torch.Tensor, kv: LayerKV, blocks, block_size) -> torch.Tensor:
+    """sum_t p[.., t] V[t] for one tile. p: [B, G, H/G, L, T] float32; returns float32 [B, G, H/G, L, d]."""
+    B, G, Hg, L, T = p.shape
+    if kv.spec.v_factored:
+        head, token = kv.v
+        R, d = token.shape[1:]
+        b = gather_factor(token, blocks, block_size).view(B, T * R, d)
+        a = gather_factor(head, blocks, block_size).permute(0, 3, 1, 2)  # [B, G, T, R]
+        pa = (p.unsqueeze(-1) * a[:, :, None, None]).to(b.dtype).reshape(B, G * Hg * L, T * R)
+        return torch.matmul(pa, b).float().view(B, G, Hg, L, d)
+    v = gather_plain(kv.v[0], blocks, block_size)
+    d = v.shape[-1]
+    pg = p.transpose(0, 1).reshape(G, B, Hg * L, T).to(v.dtype)
+    return torch.matmul(pg, v).float().view(G, B, Hg, L, d).transpose(0, 1)
+
+
+def plain_prefill(q, kv: LayerKV, table, first_pos, q_pos, limits, window, block_size, scale) -> torch.Tensor:
+    """A prefill chunk over a standard cache: its visible keys and values, then the fused SDPA kernel."""
+    G = kv.spec.kv_heads
+    k = gather_plain(kv.k[0], table, block_size).transpose(0, 1)  # [1, G, T, d]
+    v = gather_plain(kv.v[0], table, block_size).transpose(0, 1)
+    mask = key_visibility(first_pos, 0, k.shape[2], q_pos, limits, window)[:, None]  # [1, 1, L, T]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != G)

@@ -1,0 +1,225 @@
+"""What each layer caches per token, and the paged storage that holds it.
+
+Every layer declares a CacheSpec: its keys and values are each stored either plain (G x d numbers per token,
+as in a standard GQA cache) or as TPA factors of rank R (R x G head factors and R x d token factors). A part
+at full rank (R = G) is always stored plain: the factors would cost R (G + d) > G d numbers for the same
+keys. Layers with equal specs share one block pool; a sliding-window layer's pool only keeps the blocks
+its window can still see.
+
+Storage per layer, one slot per cached token (slot = block * block_size + offset):
+    plain part     [G, slots, d]                  (head-major: a tile of one head's keys is contiguous)
+    factored part  head [slots, R, G], token [slots, R, d]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .config import TextConfig
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    kv_heads: int
+    head_dim: int
+    k_rank: int
+    v_rank: int
+    window: int | None  # sliding window in tokens; None for global layers
+    dtype: torch.dtype
+
+    @property
+    def k_factored(self) -> bool:
+        return self.k_rank < self.kv_heads
+
+    @property
+    def v_factored(self) -> bool:
+        return self.v_rank < self.kv_heads
+
+    @property
+    def layout(self) -> str:
+        if not (self.k_factored or self.v_factored):
+            return "standard"
+        return f"factors k{self.k_rank} v{self.v_rank}"
+
+    def part_shapes(self) -> list[tuple[int, ...]]:
+        """Per-token shapes of the stored tensors, keys then values."""
+        G, d = self.kv_heads, self.head_dim
+        shapes = []
+        for rank, factored in ((self.k_rank, self.k_factored), (self.v_rank, self.v_factored)):
+            shapes += [(rank, G), (rank, d)] if factored else [(G, d)]
+        return shapes
+
+
+def layer_cache_specs(config: TextConfig, dtype: torch.dtype) -> list[CacheSpec]:
+    """The cache spec of every layer of a model with this config."""
+    specs = []
+    for layer in range(config.num_hidden_layers):
+        k_rank, v_rank = config.layer_ranks(layer)
+        window = config.sliding_window if config.is_sliding(layer) else None
+        specs.append(CacheSpec(config.num_key_value_heads, config.head_dim, k_rank, v_rank, window, dtype))
+    return specs
+
+
+def standard_specs(specs: list[CacheSpec], window_freeing: bool = True) -> list[CacheSpec]:
+    """The same layers with a standard GQA cache (K and V plain), for comparisons."""
+    return [
+        CacheSpec(s.kv_heads, s.head_dim, s.kv_heads, s.kv_heads, s.window if window_freeing else None, s.dtype)
+        for s in specs
+    ]
+
+
+def max_blocks_per_seq(num_tokens: int, block_size: int, window: int | None, chunk: int = 1) -> int:
+    """The most blocks of one pool that a sequence of num_tokens holds at once, computing at most `chunk`
+    tokens per step. Global pools keep every block; a windowed pool keeps the blocks that the step's queries
+    can see: the window before the chunk's first token, plus the chunk."""
+    every_block = math.ceil(num_tokens / block_size)
+    if window is None:
+        return every_block
+    span = window - 1 + max(1, min(chunk, num_tokens))  # tokens from the first visible key to the chunk's end
+    return min(every_block, (span - 2) // block_size + 2)  # a span of n tokens touches at most this many blocks
+
+
+@dataclass
+class Pool:
+    """Layers that share one block pool: same spec, same block table per sequence."""
+
+    name: str
+    spec: CacheSpec
+    layers: list[int]
+
+
+def group_pools(specs: list[CacheSpec]) -> list[Pool]:
+    """One pool per distinct spec, in layer order, named 'global' or 'sliding'; where a model has several
+    pools of one kind, the name adds the window and the layout."""
+    pools: dict[CacheSpec, Pool] = {}
+    for layer, spec in enumerate(specs):
+        if spec not in pools:
+            pools[spec] = Pool("", spec, [])
+        pools[spec].layers.append(layer)
+    kinds = [_kind(spec) for spec in pools]
+    for spec, pool in pools.items():
+        pool.name = _kind(spec) if kinds.count(_kind(spec)) == 1 else _long_name(spec)
+    names = [p.name for p in pools.values()]
+    if len(set(names)) != len(names):
+        raise ValueError(f"cache pools with clashing names: {names}")
+    return list(pools.values())
+
+
+def _kind(spec: CacheSpec) -> str:
+    return "global" if spec.window is None else "sliding"
+
+
+def _long_name(spec: CacheSpec) -> str:
+    layout = "standard" if spec.layout == "standard" else f"k{spec.k_rank}v{spec.v_rank}"
+    window = "" if spec.window is None else str(spec.window)
+    return f"{_kind(spec)}{window}-{layout}"
+
+
+class LayerKV:
+    """One layer's cached keys and values in its pool's slots; each part plain or factored."""
+
+    def __init__(self, spec: CacheSpec, num_slots: int, device: torch.device | str):
+        self.spec = spec
+        G, d = spec.kv_heads, spec.head_dim
+
+        def part(rank: int, factored: bool) -> tuple[torch.Tensor, ...]:
+            if factored:
+                return (torch.zeros(num_slots, rank, G, dtype=spec.dtype, device=device),
+                        torch.zeros(num_slots, rank, d, dtype=spec.dtype, device=device))
+            return (torch.zeros(G, num_slots, d, dtype=spec.dtype, device=device),)
+
+        self.k = part(spec.k_rank, spec.k_factored)
+        self.v = part(spec.v_rank, spec.v_factored)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.k + self.v
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+class KVCache:
+    """Every layer's storage, pool by pool: what the attention backends write into and read from."""
+
+    def __init__(
+        self,
+        specs: list[CacheSpec],
+        num_blocks: dict[str, int],
+        block_size: int,
+        device: torch.device | str,
+    ):
+        self.specs = specs
+        self.block_size = block_size
+        self.pools = group_pools(specs)
+        missing = [p.name for p in self.pools if p.name not in num_blocks]
+        if missing:
+            raise ValueError(f"no block count for cache pool(s) {missing}; pools are {self.pool_names}")
+        self.num_blocks = {p.name: int(num_blocks[p.name]) for p in self.pools}
+        self.pool_of_layer = [0] * len(specs)
+        for i, pool in enumerate(self.pools):
+            for layer in pool.layers:
+                self.pool_of_layer[layer] = i
+        self.layers = [
+            LayerKV(spec, self.num_blocks[self.pools[self.pool_of_layer[i]].name] * block_size, device)
+            for i, spec in enumerate(specs)
+        ]
+
+    @property
+    def pool_names(self) -> list[str]:
+        return [p.name for p in self.pools]
+
+    def block_bytes(self, pool: str) -> int:
+        """Measured from the allocated tensors: one block of this pool, all of its layers."""
+        index = self.pool_names.index(pool)
+        return sum(self.layers[i].nbytes for i in self.pools[index].layers) // max(1, self.num_blocks[pool])
+
+    def total_bytes(self) -> int:
+        return sum(layer.nbytes for layer in self.layers)
+
+
+def pool_block_bytes(specs: list[CacheSpec], block_size: int) -> dict[str, int]:
+    """Bytes of one block of every pool, read off tensors allocated on the meta device."""
+    pools = group_pools(specs)
+    cache = KVCache(specs, {p.name: 1 for p in pools}, block_size, "meta")
+    return {p.name: cache.block_bytes(p.name) for p in pools}
+
+
+class ContiguousKVCache:
+    """B sequences that advance together, each in one block of max_len slots: the paged cache with trivial
+    block tables. generate(), conversion and the tests run the model's one forward over it."""
+
+    def __init__(
+        self,
+        config: TextConfig,
+        batch_size: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        backend=None,
+    ):
+        from .backends import default_backend
+
+        specs = layer_cache_specs(config, dtype)
+        self.kv = KVCache(specs, {p.name: batch_size for p in group_pools(specs)}, max_len, device)
+        self.batch_size, self.max_len, self.seq_len = batch_size, max_len, 0
+        self.device = device
+        self.backend = backend or default_backend(device)
+
+    def step(self, length: int, last_only: bool = False, images: list[list[tuple[int, int]]] | None = None):
+        """Metadata for the next `length` tokens of every sequence (logits of all of them, or of the last).
+        images[b] are [a, b) spans relative to these new tokens."""
+        from .metadata import build_metadata
+
+        start, B = self.seq_len, self.batch_size
+        if start + length > self.max_len:
+            raise ValueError(f"cache holds {self.max_len} tokens; cannot store up to position {start + length}")
+        tables = [[[b] for b in range(B)] for _ in self.kv.pools]
+        rows = [(b + 1) * length - 1 for b in range(B)] if last_only else list(range(B * length))
+        spans = [[(a + start, e + start) for a, e in row] for row in images] if images else None
+        meta = build_metadata(self.kv, self.backend, [start] * B, [length] * B, tables, rows, spans, self.device)
+        self.seq_len += length
+        return meta
