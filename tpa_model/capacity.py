@@ -111,8 +111,8 @@ def capacity_report(
     sessions = min((num_blocks[p] - extra[p]) // need[p] for p in need)
     standard = CacheLayout("standard", standard_specs(layout.specs), layout.block_size)
     pools = {
-        p.name: f"{p.spec.layout}, {'window ' + str(p.spec.window) if p.spec.window else 'global'}, "
-                f"{len(p.layers)} layers, {num_blocks[p.name]} blocks"
+        p.name: f"{p.spec.layout}, {'window ' + str(p.spec.window) if p.spec.window else 'full context'}, "
+                f"{len(p.layers)} layer{'s' if len(p.layers) > 1 else ''}, {num_blocks[p.name]} blocks"
         for p in group_pools(layout.specs)
     }
     return CapacityReport(

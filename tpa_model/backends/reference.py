@@ -32,11 +32,12 @@ class ReferenceBackend:
         self.tile_bytes, self.tile_scores = tile_bytes, tile_scores
 
     def write(self, kv: LayerKV, slots: torch.Tensor, k: tuple[torch.Tensor, ...], v: tuple[torch.Tensor, ...]):
-        for store, new in zip(kv.tensors(), k + v):
-            if new.shape[1:] == store.shape[1:]:  # factors: [slots, R, width]
-                store.index_copy_(0, slots, new.to(store.dtype))
-            else:  # plain: [G, slots, d] from [N, G, d]
-                store.index_copy_(1, slots, new.transpose(0, 1).to(store.dtype))
+        for stored, new, factored in ((kv.k, k, kv.spec.k_factored), (kv.v, v, kv.spec.v_factored)):
+            for store, t in zip(stored, new):
+                if factored:  # [slots, R, width]
+                    store.index_copy_(0, slots, t.to(store.dtype))
+                else:  # plain: [G, slots, d] from [N, G, d]
+                    store.index_copy_(1, slots, t.transpose(0, 1).to(store.dtype))
 
     def decode(self, q: torch.Tensor, kv: LayerKV, pool: PoolMetadata, meta: AttentionMetadata, scale: float):
         D = q.shape[0]
@@ -72,20 +73,10 @@ class ReferenceBackend:
         if nb <= tile:  # one tile: a plain softmax
             s = masked_scores(q, kv, table, first_pos, 0, q_pos, limits, window, block_size, scale, L)
             out = tile_values(torch.softmax(s, dim=-1), kv, table, block_size)
-            return out.reshape(B, H, L, d).to(q.dtype)
-        m = torch.full((B, G, H // G, L, 1), NEG, device=q.device)
-        total = torch.zeros_like(m)
-        acc = torch.zeros(B, G, H // G, L, d, device=q.device)
-        for j in range(0, nb, tile):
-            blocks = table[:, j : j + tile]
-            s = masked_scores(q, kv, blocks, first_pos, j * block_size, q_pos, limits, window, block_size, scale, L)
-            m_new = torch.maximum(m, s.amax(-1, keepdim=True))
-            p = torch.exp(s - m_new)
-            alpha = torch.exp(m - m_new)
-            total = total * alpha + p.sum(-1, keepdim=True)
-            acc = acc * alpha + tile_values(p, kv, blocks, block_size)
-            m = m_new
-        return (acc / total).reshape(B, H, L, d).to(q.dtype)
+        else:
+            tiles = ((table[:, j : j + tile], j * block_size) for j in range(0, nb, tile))
+            out = online_softmax(q, kv, tiles, first_pos, q_pos, limits, window, block_size, scale, L)
+        return out.reshape(B, H, L, d).to(q.dtype)
 
     def tile_blocks(self, B: int, H: int, L: int, kv: LayerKV, block_size: int) -> int:
         """Blocks per tile: the gathered cache and the scores both stay within their budgets."""
@@ -93,6 +84,23 @@ class ReferenceBackend:
         scores_per_token = B * H * L * (kv.spec.k_rank if kv.spec.k_factored else 1)
         tokens = min(self.tile_bytes // (B * bytes_per_token), self.tile_scores // scores_per_token)
         return max(1, tokens // block_size)
+
+
+def online_softmax(q, kv: LayerKV, tiles, first_pos, q_pos, limits, window, block_size, scale, L) -> torch.Tensor:
+    """softmax(s) V over tiles of keys, one after another: a running max, sum and output rescaled per tile."""
+    B, G, M, d = q.shape
+    m = torch.full((B, G, M // L, L, 1), NEG, device=q.device)
+    total = torch.zeros_like(m)
+    acc = torch.zeros(B, G, M // L, L, d, device=q.device)
+    for blocks, offset in tiles:
+        s = masked_scores(q, kv, blocks, first_pos, offset, q_pos, limits, window, block_size, scale, L)
+        m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+        p = torch.exp(s - m_new)
+        alpha = torch.exp(m - m_new)
+        total = total * alpha + p.sum(-1, keepdim=True)
+        acc = acc * alpha + tile_values(p, kv, blocks, block_size)
+        m = m_new
+    return acc / total
 
 
 def key_visibility(first_pos, offset, T, q_pos, limits, window) -> torch.Tensor:
