@@ -1,4 +1,8 @@
-"""Gemma 3 text configs, parsed from every config.json form real checkpoints use, plus the TPA settings."""
+"""Text model configs, parsed from every config.json form real checkpoints use, plus the TPA settings.
+
+Two families share one config: Gemma 3 (q/k norms, (1 + w) RMSNorm, sandwich norms, GeGLU, scaled
+embeddings, sliding-window layers) and Llama (plain RMSNorm, SwiGLU, all layers global).
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,12 @@ from typing import Any
 SLIDING = "sliding_attention"
 GLOBAL = "full_attention"
 
+GEMMA3, LLAMA = "gemma3", "llama"
+
 # Architectures whose config.json we accept.
-HF_ARCHITECTURES = {"Gemma3ForConditionalGeneration", "Gemma3ForCausalLM", "Gemma3TextModel", "Gemma3Model"}
+HF_ARCHITECTURES = {
+    "Gemma3ForConditionalGeneration", "Gemma3ForCausalLM", "Gemma3TextModel", "Gemma3Model", "LlamaForCausalLM",
+}
 TPA_ARCHITECTURE = "Gemma3TPAForCausalLM"
 
 
@@ -29,6 +37,7 @@ class TPAConfig:
 
 @dataclass
 class TextConfig:
+    architecture: str = GEMMA3  # the model family: GEMMA3 or LLAMA
     vocab_size: int = 262_208
     hidden_size: int = 2560
     intermediate_size: int = 10_240
@@ -43,6 +52,7 @@ class TextConfig:
     rope_local_theta: float = 10_000.0
     rope_global_theta: float = 1_000_000.0
     rope_global_scaling: float = 1.0  # linear RoPE scaling factor, global layers only
+    rope_llama3: dict[str, float] | None = None  # Llama 3's frequency-dependent RoPE scaling, global layers
     max_position_embeddings: int = 131_072
     final_logit_softcapping: float | None = None
     # Gemma 3 configs carry this Gemma 2 field, but Gemma 3 attention never applies it (nor does the reference).
@@ -54,6 +64,10 @@ class TextConfig:
     tpa: TPAConfig = field(default_factory=TPAConfig)
 
     def __post_init__(self) -> None:
+        if self.architecture not in (GEMMA3, LLAMA):
+            raise ConfigError(f"unknown model family {self.architecture!r}; expected {GEMMA3!r} or {LLAMA!r}")
+        if not self.layer_types and self.architecture == LLAMA:
+            self.layer_types = [GLOBAL] * self.num_hidden_layers
         if not self.layer_types:
             self.layer_types = default_layer_types(self.num_hidden_layers)
         if len(self.layer_types) != self.num_hidden_layers:
@@ -157,14 +171,16 @@ def _check_rope_type(params: dict[str, Any], layer_type: str, allow_scaling: boo
 
 
 def text_config_from_hf(config: dict[str, Any]) -> TextConfig:
-    """Parse a Hugging Face Gemma 3 config.json (multimodal, text-only, sparse or full)."""
+    """Parse a Hugging Face config.json: Gemma 3 (multimodal, text-only, sparse or full) or Llama."""
     model_type = config.get("model_type")
+    if model_type == "llama":
+        return llama_config_from_hf(config)
     if model_type == "gemma3":
         text = dict(config.get("text_config") or {})
     elif model_type == "gemma3_text":
         text = dict(config)
     else:
-        raise ConfigError(f"model_type {model_type!r} is not a Gemma 3 model (expected 'gemma3' or 'gemma3_text')")
+        raise ConfigError(f"model_type {model_type!r} is not supported (expected 'gemma3', 'gemma3_text' or 'llama')")
     if text.get("use_bidirectional_attention"):
         raise ConfigError("bidirectional Gemma 3 (embedding) models are not supported")
     if text.get("hidden_activation", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu_tanh"):
@@ -200,6 +216,48 @@ def text_config_from_hf(config: dict[str, Any]) -> TextConfig:
         bos_token_id=int(text.get("bos_token_id", config.get("bos_token_id", 2)) or 2),
         eos_token_id=[int(e) for e in (eos if isinstance(eos, list) else [eos])],
         pad_token_id=int(text.get("pad_token_id", config.get("pad_token_id", 0)) or 0),
+    )
+
+
+def llama_config_from_hf(config: dict[str, Any]) -> TextConfig:
+    """A Llama-architecture config.json (Llama 2/3, SmolLM2): every layer global, no q/k norms."""
+    if config.get("attention_bias") or config.get("mlp_bias"):
+        raise ConfigError("Llama checkpoints with attention or MLP biases are not supported")
+    if config.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"hidden_act {config['hidden_act']!r} is not supported (expected 'silu')")
+    heads = int(config["num_attention_heads"])
+    head_dim = int(config.get("head_dim") or config["hidden_size"] // heads)
+    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ("default", "linear", "llama3"):
+        raise ConfigError(f"RoPE type {rope_type!r} is not supported (expected default, linear or llama3)")
+    llama3 = None
+    if rope_type == "llama3":
+        llama3 = {k: float(params[k]) for k in
+                  ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+    eos = config.get("eos_token_id", 2)
+    layers = int(config["num_hidden_layers"])
+    return TextConfig(
+        architecture=LLAMA,
+        vocab_size=int(config["vocab_size"]),
+        hidden_size=int(config["hidden_size"]),
+        intermediate_size=int(config["intermediate_size"]),
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=int(config.get("num_key_value_heads") or heads),
+        head_dim=head_dim,
+        query_pre_attn_scalar=float(head_dim),
+        rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        sliding_window=int(config.get("max_position_embeddings", 4096)),  # no layer slides
+        layer_types=[GLOBAL] * layers,
+        rope_global_theta=float(params.get("rope_theta", config.get("rope_theta", 10_000.0))),
+        rope_global_scaling=float(params.get("factor", 1.0)) if rope_type == "linear" else 1.0,
+        rope_llama3=llama3,
+        max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        bos_token_id=int(config.get("bos_token_id") if config.get("bos_token_id") is not None else 1),
+        eos_token_id=[int(e) for e in (eos if isinstance(eos, list) else [eos])],
+        pad_token_id=int(config.get("pad_token_id") if config.get("pad_token_id") is not None else 0),
     )
 
 

@@ -107,12 +107,14 @@ def refactor(proj: FactorProjection, U: torch.Tensor) -> None:
 
 def dense_queries_to_factors(attn: TPAttention) -> FactorProjection:
     """Full-rank query factors equal to attn's dense q_proj + q_norm, ready to be refactored."""
+    norm = attn.q_norm is not None
     q = FactorProjection(
-        attn.q_proj.in_features, attn.n_heads, attn.head_dim, attn.n_heads, True, attn.q_norm.eps
+        attn.q_proj.in_features, attn.n_heads, attn.head_dim, attn.n_heads, norm, attn.q_norm.eps if norm else 1e-6
     ).to(device=attn.q_proj.weight.device, dtype=attn.q_proj.weight.dtype)
     with torch.no_grad():
         q.token_proj.weight.copy_(attn.q_proj.weight)
-        q.norm_weight.copy_(attn.q_norm.weight)
+        if norm:
+            q.norm_weight.copy_(attn.q_norm.weight)
     return q
 
 

@@ -1,6 +1,8 @@
-"""The small building blocks of the Gemma 3 decoder: RMSNorm, rotary embeddings, the GeGLU MLP."""
+"""The small building blocks of the decoders: RMSNorm, rotary embeddings, gated MLPs."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -14,14 +16,24 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (out * (1.0 + weight.float())).type_as(x)
 
 
+def llama_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm: normalized in float32, cast back, then scaled by w."""
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
+    """Gemma's norm (scale 1 + w, weights start at 0), or with unit_offset=False Llama's (scale w)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, unit_offset: bool = True):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.zeros(dim))
+        self.eps, self.unit_offset = eps, unit_offset
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        if self.unit_offset:
+            return rms_norm(x, self.weight, self.eps)
+        return llama_rms_norm(x, self.weight, self.eps)
 
 
 class Rotary(nn.Module):
@@ -31,17 +43,37 @@ class Rotary(nn.Module):
     stale after a model is moved between devices or dtypes.
     """
 
-    def __init__(self, head_dim: int, theta: float, scaling: float = 1.0):
+    def __init__(self, head_dim: int, theta: float, scaling: float = 1.0, llama3: dict | None = None):
         super().__init__()
-        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
+        self.head_dim, self.theta, self.scaling, self.llama3 = head_dim, theta, scaling, llama3
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin of shape positions.shape + [head_dim]."""
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float, device=positions.device) / self.head_dim
         inv_freq = 1.0 / (self.theta**exponents) / self.scaling
+        if self.llama3 is not None:
+            inv_freq = llama3_frequencies(inv_freq, **self.llama3)
         freqs = positions[..., None].float() * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def llama3_frequencies(
+    inv_freq: torch.Tensor,
+    factor: float,
+    low_freq_factor: float,
+    high_freq_factor: float,
+    original_max_position_embeddings: float,
+) -> torch.Tensor:
+    """Llama 3's RoPE scaling: wavelengths longer than the original context / low_freq_factor are stretched by
+    `factor`, shorter than context / high_freq_factor kept, and the band between interpolated smoothly."""
+    wavelength = 2 * math.pi / inv_freq
+    long_wave = original_max_position_embeddings / low_freq_factor
+    short_wave = original_max_position_embeddings / high_freq_factor
+    smooth = (original_max_position_embeddings / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    out = torch.where(wavelength > long_wave, inv_freq / factor, inv_freq)
+    return torch.where((wavelength >= short_wave) & (wavelength <= long_wave), blended, out)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -55,12 +87,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
-class GeGLU(nn.Module):
-    def __init__(self, hidden: int, intermediate: int):
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)): GeGLU (tanh GELU) for Gemma, SwiGLU (SiLU) for Llama."""
+
+    def __init__(self, hidden: int, intermediate: int, activation: str = "gelu_tanh"):
         super().__init__()
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        gate = self.gate_proj(x)
+        gate = F.silu(gate) if self.activation == "silu" else F.gelu(gate, approximate="tanh")
+        return self.down_proj(gate * self.up_proj(x))

@@ -1,4 +1,4 @@
-"""The Gemma 3 decoder with Tensor Product Attention."""
+"""Decoders with Tensor Product Attention: Gemma 3 (with its SigLIP vision tower) and Llama."""
 
 from __future__ import annotations
 
@@ -6,15 +6,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import GLOBAL, SLIDING, TextConfig
+from .config import GEMMA3, GLOBAL, SLIDING, TextConfig
 from .kv_cache import ContiguousKVCache
-from .layers import GeGLU, RMSNorm, Rotary
+from .layers import GatedMLP, RMSNorm, Rotary
 from .metadata import AttentionMetadata, image_spans
 from .tpa import TPAttention
 from .vision import MultiModalProjector, VisionConfig, VisionTower
 
 
 class DecoderLayer(nn.Module):
+    """Gemma 3: every sublayer between a norm on its input and a norm on its output."""
+
     def __init__(self, config: TextConfig, layer: int):
         super().__init__()
         eps = config.rms_norm_eps
@@ -23,7 +25,7 @@ class DecoderLayer(nn.Module):
         self.attn = TPAttention(config, layer)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
         self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
-        self.mlp = GeGLU(config.hidden_size, config.intermediate_size)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, "gelu_tanh")
         self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
 
     def forward(self, x: torch.Tensor, rope, meta: AttentionMetadata) -> torch.Tensor:
@@ -32,9 +34,28 @@ class DecoderLayer(nn.Module):
         return x
 
 
+class LlamaDecoderLayer(nn.Module):
+    """Llama: a pre-norm before attention and before the MLP (Hugging Face names the second one
+    post_attention_layernorm)."""
+
+    def __init__(self, config: TextConfig, layer: int):
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.layer_type = config.layer_types[layer]
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, unit_offset=False)
+        self.attn = TPAttention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, unit_offset=False)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, "silu")
+
+    def forward(self, x: torch.Tensor, rope, meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.attn(self.input_layernorm(x), rope, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
 class GemmaTPAModel(nn.Module):
-    """Gemma 3 with TPA attention: scaled embeddings, decoder layers, tied output head, and (4b and larger)
-    the SigLIP vision tower whose projected features replace the image soft tokens.
+    """A decoder with TPA attention. Gemma 3: scaled embeddings, sandwich-normed layers, tied output head, and
+    (4b and larger) the SigLIP vision tower whose projected features replace the image soft tokens. Llama:
+    plain embeddings and pre-normed layers.
 
     One forward, `model(input_ids, positions, metadata)`: the new tokens of a step, packed flat [N], go
     through the paged cache the metadata describes, and logits come back for metadata.logits_indices.
@@ -48,14 +69,16 @@ class GemmaTPAModel(nn.Module):
         self.vision_config = vision
         self.image_token_id = image_token_id
         c = config
+        gemma = c.architecture == GEMMA3
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(c, i) for i in range(c.num_hidden_layers))
-        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        layer_class = DecoderLayer if gemma else LlamaDecoderLayer
+        self.layers = nn.ModuleList(layer_class(c, i) for i in range(c.num_hidden_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, unit_offset=gemma)
         self.lm_head = None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         self.rotary = nn.ModuleDict(
             {
                 SLIDING: Rotary(c.head_dim, c.rope_local_theta),
-                GLOBAL: Rotary(c.head_dim, c.rope_global_theta, c.rope_global_scaling),
+                GLOBAL: Rotary(c.head_dim, c.rope_global_theta, c.rope_global_scaling, c.rope_llama3),
             }
         )
         if vision is not None:
@@ -71,7 +94,9 @@ class GemmaTPAModel(nn.Module):
         return self.embed_tokens.weight.dtype
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings scaled by sqrt(hidden), the scale rounded to the weight dtype as Gemma does."""
+        """Token embeddings; Gemma scales them by sqrt(hidden), the scale rounded to the weight dtype."""
+        if self.config.architecture != GEMMA3:
+            return self.embed_tokens(input_ids)
         scale = torch.tensor(self.config.hidden_size**0.5, dtype=self.dtype)
         return self.embed_tokens(input_ids) * scale
 

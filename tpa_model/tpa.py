@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .backends import attend
-from .config import TextConfig
+from .config import GEMMA3, TextConfig
 from .layers import RMSNorm, apply_rope
 
 if TYPE_CHECKING:
@@ -84,22 +84,23 @@ class TPAttention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.scale = c.query_pre_attn_scalar**-0.5
         D, H, G, d, eps = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps
+        qk_norm = c.architecture == GEMMA3  # Llama has none: its head factors are the constant basis
         if c.tpa.q_rank is None:
             self.q_proj = nn.Linear(D, H * d, bias=False)
-            self.q_norm = RMSNorm(d, eps)
+            self.q_norm = RMSNorm(d, eps) if qk_norm else None
             self.q = None
         else:
-            self.q = FactorProjection(D, H, d, c.tpa.q_rank, norm=True, eps=eps)
+            self.q = FactorProjection(D, H, d, c.tpa.q_rank, norm=qk_norm, eps=eps)
         k_rank, v_rank = c.layer_ranks(layer)
-        self.k = FactorProjection(D, G, d, k_rank, norm=True, eps=eps)
+        self.k = FactorProjection(D, G, d, k_rank, norm=qk_norm, eps=eps)
         self.v = FactorProjection(D, G, d, v_rank, norm=False, eps=eps)
         self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=False)
 
     def queries(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """[N, H, d]: queries are not cached, so they are materialized even when factored."""
         if self.q is None:
-            q = self.q_norm(self.q_proj(x).unflatten(-1, (self.n_heads, self.head_dim)))
-            return apply_rope(q, *rope)
+            q = self.q_proj(x).unflatten(-1, (self.n_heads, self.head_dim))
+            return apply_rope(q if self.q_norm is None else self.q_norm(q), *rope)
         return combine(*self.q(x, rope))
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata):
