@@ -43,9 +43,13 @@ def test_wrong_shape(ckpt):
 
 def test_unknown_architecture(ckpt):
     config = json.loads((ckpt / "config.json").read_text())
-    config.update(architectures=["LlamaForCausalLM"], model_type="llama")
+    config.update(architectures=["MistralForCausalLM"], model_type="mistral")
     (ckpt / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"config.json: unknown architecture \['LlamaForCausalLM'\]"):
+    with pytest.raises(CheckpointError, match=r"config.json: unknown architecture \['MistralForCausalLM'\]"):
+        load_model(ckpt)
+    config.update(architectures=None)
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="model_type 'mistral' is not supported"):
         load_model(ckpt)
 
 

@@ -106,7 +106,7 @@ def test_round_trip_through_dict():
 @pytest.mark.parametrize(
     "bad,match",
     [
-        ({"model_type": "llama"}, "not a Gemma 3 model"),
+        ({"model_type": "mistral"}, "model_type .mistral. is not supported"),
         ({"model_type": "gemma3_text", "rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
         ({"model_type": "gemma3_text", "use_bidirectional_attention": True}, "bidirectional"),
         ({"model_type": "gemma3_text", "num_attention_heads": 6, "num_key_value_heads": 4}, "multiple"),
