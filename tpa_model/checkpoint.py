@@ -56,7 +56,7 @@ def is_tpa_checkpoint(config: dict[str, Any]) -> bool:
     return config.get("model_type") == TPA_MODEL_TYPE
 
 
-def parse_text_config(path: Path, config: dict[str, Any]) -> TextConfig:
+def parse_text_config(path: Path, config: dict[str, Any], source: Path | None = None) -> TextConfig:
     """The text config of either checkpoint kind, with errors that name config.json."""
     try:
         if is_tpa_checkpoint(config):
@@ -69,7 +69,7 @@ def parse_text_config(path: Path, config: dict[str, Any]) -> TextConfig:
             )
         return text_config_from_hf(config)
     except (ConfigError, KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path / 'config.json'}: {e}") from e
+        raise CheckpointError(f"{source or path / 'config.json'}: {e}") from e
 
 
 class TensorFiles:

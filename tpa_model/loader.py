@@ -1,4 +1,8 @@
-"""load_model / save_model: the one entry point from a directory on disk to a ready model."""
+"""load_model / save_model: the one entry point from a checkpoint on disk to a ready model.
+
+A checkpoint is a Hugging Face directory (safetensors), a TPA checkpoint directory, or a GGUF file, which
+is read as the Hugging Face checkpoint it was converted from (tpa_model/gguf.py).
+"""
 
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from .checkpoint import (
     read_config,
     save_tpa_checkpoint,
 )
-from .config import TPA_ARCHITECTURE
+from .config import TPA_ARCHITECTURE, TextConfig
 from .convert import ConversionReport, RankSpec, reduce_rank
 from .model import GemmaTPAModel
 from .vision import VisionConfig, hf_projector_prefix, hf_vision_prefix
@@ -50,6 +54,17 @@ def _hf_name_map(names: list[str], keys: list[str]) -> dict[str, str | None]:
     return name_map
 
 
+def open_checkpoint(path: Path) -> tuple[dict, TextConfig, TensorFiles]:
+    """(raw config, text config, tensor reader) of a checkpoint directory or a .gguf file."""
+    if path.suffix == ".gguf":
+        from .gguf import GGUFTensors
+
+        files = GGUFTensors(path)
+        return files.config, parse_text_config(path, files.config, source=path), files
+    raw = read_config(path)
+    return raw, parse_text_config(path, raw), TensorFiles(path)
+
+
 def load_model(
     path: str | Path,
     *,
@@ -59,15 +74,14 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> GemmaTPAModel:
-    """Load a Hugging Face Gemma 3 directory (converted on load) or a TPA checkpoint saved by tpa-convert.
+    """Load a Hugging Face Gemma 3 or Llama directory or GGUF file (converted on load), or a TPA checkpoint
+    saved by tpa-convert.
 
     Ranks left as None keep the checkpoint's own (exact for Hugging Face checkpoints); lower ranks are
     reached by weight-space conversion. The conversion report is kept on `model.conversion_report`.
     """
     path = Path(path)
-    raw = read_config(path)
-    config = parse_text_config(path, raw)
-    files = TensorFiles(path)
+    raw, config, files = open_checkpoint(path)
     try:
         try:
             vision, image_token_id = _vision_parts(raw, files.keys())
@@ -94,8 +108,11 @@ def load_model(
     return model
 
 
-def save_model(model: GemmaTPAModel, out: str | Path, tokenizer_dir: str | Path | None = None) -> None:
-    """Save a TPA checkpoint: safetensors + config.json (with the TPA ranks) + the tokenizer files."""
+def save_model(
+    model: GemmaTPAModel, out: str | Path, tokenizer_dir: str | Path | None = None, tokenizer=None
+) -> None:
+    """Save a TPA checkpoint: safetensors + config.json (with the TPA ranks) + the tokenizer: its files copied
+    from tokenizer_dir when that is a checkpoint directory, else written by `tokenizer.save` (GGUF sources)."""
     config = {
         "architectures": [TPA_ARCHITECTURE],
         "model_type": TPA_MODEL_TYPE,
@@ -105,7 +122,10 @@ def save_model(model: GemmaTPAModel, out: str | Path, tokenizer_dir: str | Path 
     if model.vision_config is not None:
         config["vision_config"] = model.vision_config.to_dict()
         config["image_token_index"] = model.image_token_id
-    save_tpa_checkpoint(model, config, Path(out), Path(tokenizer_dir) if tokenizer_dir else None)
+    source = Path(tokenizer_dir) if tokenizer_dir and Path(tokenizer_dir).is_dir() else None
+    save_tpa_checkpoint(model, config, Path(out), source)
+    if source is None and tokenizer is not None and hasattr(tokenizer, "save"):
+        tokenizer.save(Path(out))
 
 
 __all__ = ["load_model", "save_model", "ConversionReport"]
