@@ -172,33 +172,39 @@ class GemmaTokenizer:
         return "".join(parts)
 
     def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
-        """The text google/gemma-3-*-it's chat template renders for `messages`.
-
-        Stricter than the Jinja template: unknown roles and part types, and a conversation with no user
-        message, are errors rather than silently rendered or dropped. `image_url` parts count as images.
-        """
-        _check_roles(messages)
-        first_user_prefix = ""
-        turns = list(enumerate(messages))
-        if messages[0]["role"] == "system":
-            first_user_prefix = _system_text(messages[0]["content"]) + "\n\n"
-            turns = turns[1:]
-
-        out = [BOS]
-        for turn_index, (index, message) in enumerate(turns):
-            role = "model" if message["role"] == "assistant" else message["role"]
-            out.append(f"{START_OF_TURN}{role}\n")
-            if turn_index == 0:
-                out.append(first_user_prefix)
-            out.append(_content_text(message["content"], index))
-            out.append(f"{END_OF_TURN}\n")
-        if add_generation_prompt:
-            out.append(f"{START_OF_TURN}model\n")
-        return "".join(out)
+        """The text google/gemma-3-*-it's chat template renders for `messages` (see `render_gemma3_chat`)."""
+        return render_gemma3_chat(messages, add_generation_prompt=add_generation_prompt)
 
     def encode_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         """Prompt ids for a chat; the template's leading `<bos>` is its one bos."""
         return self.encode(self.render_chat(messages, add_generation_prompt=add_generation_prompt))
+
+
+def render_gemma3_chat(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
+    """The text google/gemma-3-*-it's chat template renders for `messages`, for any tokenizer with Gemma's control
+    pieces (GemmaTokenizer, and GGUF Gemma vocabularies that carry no template).
+
+    Stricter than the Jinja template: unknown roles and part types, and a conversation with no user
+    message, are errors rather than silently rendered or dropped. `image_url` parts count as images.
+    """
+    _check_roles(messages)
+    first_user_prefix = ""
+    turns = list(enumerate(messages))
+    if messages[0]["role"] == "system":
+        first_user_prefix = _system_text(messages[0]["content"]) + "\n\n"
+        turns = turns[1:]
+
+    out = [BOS]
+    for turn_index, (index, message) in enumerate(turns):
+        role = "model" if message["role"] == "assistant" else message["role"]
+        out.append(f"{START_OF_TURN}{role}\n")
+        if turn_index == 0:
+            out.append(first_user_prefix)
+        out.append(_content_text(message["content"], index))
+        out.append(f"{END_OF_TURN}\n")
+    if add_generation_prompt:
+        out.append(f"{START_OF_TURN}model\n")
+    return "".join(out)
 
 
 def _check_roles(messages: Sequence[Mapping[str, Any]]) -> None:
