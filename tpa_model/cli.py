@@ -11,8 +11,9 @@ import torch
 
 from .checkpoint import CheckpointError
 from .convert import DEFAULT_ENERGY, reduce_rank
+from .hf_tokenizer import load_tokenizer
 from .loader import load_model, save_model
-from .tokenizer import GemmaTokenizer
+from .models import resolve_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -46,9 +47,11 @@ def resolve_dtype(args: argparse.Namespace) -> torch.dtype:
 def convert_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="tpa-convert",
-        description="Convert a Hugging Face Gemma 3 checkpoint to a TPA checkpoint and print the error report.",
+        description="Convert a checkpoint (Hugging Face directory, .gguf file or a known model name) to a TPA "
+                    "checkpoint and print the error report.",
     )
-    parser.add_argument("--model", required=True, help="Hugging Face Gemma 3 directory (or a TPA checkpoint)")
+    parser.add_argument("--model", required=True, help="Hugging Face directory, .gguf file, TPA checkpoint, or a "
+                                                       "known model name (gemma-3-270m, smollm2)")
     parser.add_argument("--out", required=True, help="output directory")
     add_model_args(parser)
     parser.add_argument("--q-rank", type=rank_arg, default=None, help="query rank (default: dense queries)")
@@ -60,10 +63,11 @@ def convert_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         t0 = time.perf_counter()
-        model = load_model(args.model, dtype=resolve_dtype(args), device=args.device)
+        source = resolve_model(args.model)
+        model = load_model(source, dtype=resolve_dtype(args), device=args.device)
         calibration_ids = None
         if args.calibration is not None:
-            tokenizer = GemmaTokenizer.from_dir(Path(args.model))
+            tokenizer = load_tokenizer(source)
             text = args.calibration.read_text(encoding="utf-8")
             ids = tokenizer.encode(text, add_bos=True)[: args.calibration_tokens]
             calibration_ids = torch.tensor([ids], dtype=torch.long)
@@ -71,7 +75,7 @@ def convert_main(argv: list[str] | None = None) -> int:
             model, args.k_rank, args.v_rank, args.q_rank, calibration_ids=calibration_ids, energy=args.energy
         )
         print(report.format())
-        save_model(model, args.out, tokenizer_dir=args.model)
+        save_model(model, args.out, tokenizer=load_tokenizer(source), tokenizer_dir=source)
     except (CheckpointError, OSError, ValueError) as e:
         print(f"tpa-convert: error: {e}", file=sys.stderr)
         return 1

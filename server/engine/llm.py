@@ -8,10 +8,11 @@ from pathlib import Path
 
 import torch
 
+from tpa_model.hf_tokenizer import load_tokenizer
 from tpa_model.loader import load_model
+from tpa_model.models import resolve_model
 from tpa_model.prompts import PromptInputs, split_images
 from tpa_model.sampling import SamplingParams
-from tpa_model.tokenizer import GemmaTokenizer
 
 from .engine import EngineConfig, LLMEngine, RequestOutput
 
@@ -31,13 +32,9 @@ class LLM:
         device: str = "cpu",
         engine_config: EngineConfig | None = None,
     ):
-        if model_path is None:
-            from tpa_model.demo import demo_model_dir
-
-            model_path = demo_model_dir()
-        self.model_path = Path(model_path)
+        self.model_path = resolve_model(model_path)  # None: the default model; or a known model's name
         model = load_model(self.model_path, k_rank=k_rank, v_rank=v_rank, dtype=dtype, device=device)
-        self.tokenizer = GemmaTokenizer.from_dir(self.model_path)
+        self.tokenizer = load_tokenizer(self.model_path)
         self.engine = LLMEngine(model, self.tokenizer, engine_config)
         self._ids = itertools.count()
 
