@@ -39,9 +39,13 @@ def bench_model_dir(root: Path = Path("bench/.model"), seed: int = 0) -> Path:
 
 
 def reference_model(path: Path, dtype: torch.dtype = torch.float32):
+    """transformers' model of a checkpoint directory or a .gguf file (SDPA attention)."""
     import transformers
 
-    return transformers.Gemma3ForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").eval()
+    if path.suffix == ".gguf":
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=dtype, attn_implementation="sdpa").eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").eval()
 
 
 def alternate(sides: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:

@@ -10,6 +10,7 @@ Usage:
   OMP_NUM_THREADS=1 python bench/offline_throughput.py [--requests 64] [--max-tokens 64]
   OMP_NUM_THREADS=1 python bench/offline_throughput.py --compare-transformers --requests 32 \\
       --min-prompt 256 --max-prompt 512 --max-tokens 128 [--ranks exact 2 1] [--rounds 2]
+--model takes a path or a known model's name (gemma-3-270m, smollm2, demo).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from common import alternate, bench_model_dir, median, reference_model, timed  #
 
 from server.engine.engine import EngineConfig  # noqa: E402
 from server.engine.llm import LLM  # noqa: E402
+from tpa_model.models import resolve_model  # noqa: E402
 from tpa_model.sampling import SamplingParams  # noqa: E402
 
 
@@ -37,6 +39,7 @@ def random_prompts(n: int, lo: int, hi: int, vocab: int, bos: int, seed: int = 0
 
 def make_llm(path, rank: str, args) -> LLM:
     ranks = {} if rank == "exact" else {"k_rank": int(rank), "v_rank": int(rank)}
+    path = str(path)
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_prompt + args.max_tokens,
                           cache_memory_gib=args.cache_memory)
     return LLM(path, dtype=getattr(torch, args.dtype), device=args.device, engine_config=config, **ranks)
@@ -60,7 +63,7 @@ def transformers_generate(model, prompts, max_tokens: int, pad: int) -> tuple[fl
 
 
 def compare_transformers(args) -> dict:
-    path = Path(args.model) if args.model else bench_model_dir()
+    path = resolve_model(args.model) if args.model else bench_model_dir()
     llms = {rank: make_llm(path, rank, args) for rank in args.ranks}
     first = next(iter(llms.values()))
     prompts = random_prompts(args.requests, args.min_prompt, args.max_prompt, first.tokenizer.vocab_size,
@@ -88,7 +91,7 @@ def compare_transformers(args) -> dict:
 def batching_vs_single(args) -> dict:
     config = EngineConfig(max_num_seqs=args.max_num_seqs, cache_memory_gib=args.cache_memory,
                           max_model_len=args.max_prompt + args.max_tokens)
-    llm = LLM(args.model, dtype=getattr(torch, args.dtype), device=args.device, engine_config=config)
+    llm = LLM(args.model or "demo", dtype=getattr(torch, args.dtype), device=args.device, engine_config=config)
     prompts = random_prompts(args.requests, args.min_prompt, args.max_prompt, llm.tokenizer.vocab_size,
                              llm.tokenizer.bos_id)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
