@@ -1,8 +1,10 @@
-"""FastAPI routes: /v1/chat/completions (plain and streamed), /v1/models, /health, /metrics.
+"""FastAPI routes: /v1/chat/completions and /v1/completions (plain and streamed), /v1/models, /health, /metrics.
 
-`OpenAIServingChat` does the work (in the manner of vLLM's class of that name); `create_app` only wires
-routes, error handlers and the API-key middleware to it, so the serving logic can be read and tested
-without FastAPI's decorators in the way.
+`OpenAIServingChat` and `OpenAIServingCompletion` do the work (in the manner of vLLM's classes of those names)
+on a shared base, `OpenAIServing`, that holds what both endpoints do alike: the model check, sampling options
+and their validation, submission and its errors, collecting a whole answer, and the SSE stream. `create_app`
+only wires routes, error handlers and the API-key middleware to them, so the serving logic can be read and
+tested without FastAPI's decorators in the way.
 """
 
 from __future__ import annotations
@@ -32,11 +34,15 @@ from .engine.engine import CompletionOutput, RequestOutput
 from .images import fetch_image
 from .metrics import Metrics
 from .protocol import (
+    UNSUPPORTED_COMPLETION_FIELDS,
     UNSUPPORTED_FIELDS,
     APIError,
     ChatCompletionRequest,
     ChatMessage,
+    CompletionRequest,
     ContentPart,
+    SamplingRequest,
+    legacy_logprobs,
     logprobs_content,
     new_id,
     now,
@@ -68,10 +74,53 @@ def sse(body: dict[str, Any]) -> str:
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
-def output_usage(out: RequestOutput) -> dict[str, Any]:
-    """Usage of a request so far: n samples' tokens together, as OpenAI counts them."""
-    completion_tokens = sum(len(c.token_ids) for c in out.outputs)
-    return usage(len(out.prompt_token_ids), completion_tokens, out.num_cached_tokens)
+def output_usage(outs: list[RequestOutput]) -> dict[str, Any]:
+    """Usage of a response's requests so far (one per prompt): n samples' tokens together, as OpenAI counts them."""
+    prompt_tokens = sum(len(out.prompt_token_ids) for out in outs)
+    completion_tokens = sum(len(c.token_ids) for out in outs for c in out.outputs)
+    return usage(prompt_tokens, completion_tokens, sum(out.num_cached_tokens for out in outs))
+
+
+def check_unsupported(req: SamplingRequest, names: tuple[str, ...]) -> None:
+    """Fields we would otherwise silently ignore are refused, so a client never trusts an unmet option."""
+    extra = req.model_extra or {}
+    for name in names:
+        if extra.get(name):
+            raise APIError(400, f"{name} is not supported by this server", param=name)
+
+
+async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(index of the stream, output) in the order they arrive; one stream is read directly, several through a
+    queue that a task per stream fills. Closing this generator stops the tasks; the caller closes the streams."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    tasks = [asyncio.ensure_future(forward(i, stream, queue)) for i, stream in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            i, item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item is None:
+                remaining -= 1
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def forward(i: int, stream: RequestStream, queue: asyncio.Queue) -> None:
+    """The stream's outputs onto the shared queue, then None, or the exception that ended it."""
+    try:
+        async for out in stream:
+            queue.put_nowait((i, out))
+        queue.put_nowait((i, None))
+    except Exception as e:
+        queue.put_nowait((i, e))
 
 
 # -- request -> chat template input ----------------------------------------------------------------------
@@ -101,20 +150,152 @@ def template_part(part: ContentPart, urls: list[str]) -> dict:
     return {"type": "image"}
 
 
-# -- the serving class -----------------------------------------------------------------------------------
+# -- what every endpoint shares -------------------------------------------------------------------------
 
 
-class OpenAIServingChat:
-    """The OpenAI chat-completions API over an AsyncEngine: checks, prompt building, sampling, responses.
+class OpenAIServing:
+    """The OpenAI API over an AsyncEngine, what chat and text completions do alike: the model check, sampling
+    options and their validation, submission, collecting a whole answer, and the SSE stream.
 
     It knows the model only through the AsyncEngine (vision_config, build_inputs, submit), never through
     the LLMEngine behind it, so the engine can change without the API following.
     """
 
-    def __init__(self, engine: AsyncEngine, tokenizer: GemmaTokenizer, settings: ServerSettings):
+    def __init__(self, engine: AsyncEngine, tokenizer: GemmaTokenizer, settings: ServerSettings,
+                 metrics: Metrics | None = None):
         self.engine, self.tokenizer, self.settings = engine, tokenizer, settings
-        self.metrics = Metrics(engine)
+        self.metrics = metrics or Metrics(engine)
         self.created = now()
+
+    def check_model(self, req: SamplingRequest) -> None:
+        if req.model != self.settings.model_name:
+            raise APIError(404, f"the model {req.model!r} does not exist; this server serves "
+                                f"{self.settings.model_name!r}", param="model", code="model_not_found")
+
+    def sampling_params(self, req: SamplingRequest, prompt_len: int) -> SamplingParams:
+        """The request's sampling options, validated here so a bad one is a 400 naming its field."""
+        params = SamplingParams(
+            n=req.n,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=req.top_k or 0,
+            min_p=req.min_p or 0.0,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            repetition_penalty=req.repetition_penalty or 1.0,
+            seed=req.seed,
+            max_tokens=self.max_tokens(req, prompt_len),
+            stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
+            stop_token_ids=list(req.stop_token_ids or []),
+            ignore_eos=req.ignore_eos,
+            logprobs=req.logprob_count(),
+            skip_special_tokens=req.skip_special_tokens,
+        )
+        self.check_params(req, params)
+        return params
+
+    def max_tokens(self, req: SamplingRequest, prompt_len: int) -> int:
+        """The client's limit if it fits the context, else a 400 that says by how much; unset, the rest of it."""
+        param, max_tokens = req.token_limit()
+        limit = self.settings.max_model_len
+        if max_tokens is None:
+            if limit - prompt_len < 1:
+                raise APIError(400, f"the prompt has {prompt_len} tokens, which fills the maximum model length "
+                                    f"of {limit}", param=req.prompt_param)
+            return limit - prompt_len
+        if prompt_len + max_tokens > limit:
+            raise APIError(400, f"the prompt ({prompt_len} tokens) plus {param} ({max_tokens}) is "
+                                f"{prompt_len + max_tokens} tokens, more than the maximum model length of "
+                                f"{limit}", param=param, code="context_length_exceeded")
+        return max_tokens
+
+    def check_params(self, req: SamplingRequest, params: SamplingParams) -> None:
+        """API-level limits first (they name the API's fields), then SamplingParams' own checks."""
+        if req.n > MAX_N:
+            raise APIError(400, f"n must be at most {MAX_N}, got {req.n}", param="n")
+        self.check_fields(req)
+        try:
+            params.validate()
+        except ParamError as e:
+            raise APIError(400, str(e), param=e.param) from e
+
+    def check_fields(self, req: SamplingRequest) -> None:
+        """An endpoint's own rules on how its fields combine; none by default."""
+
+    async def submit(self, prompt_ids: list[int], params: SamplingParams, pixel_values=None,
+                     param: str | None = None) -> RequestStream:
+        """Engine refusals as API errors: a full queue or a dead engine is our 503, the rest the client's 400
+        (about `param`, when the endpoint knows which field the engine objected to)."""
+        try:
+            return await self.engine.submit(prompt_ids, params, pixel_values=pixel_values)
+        except QueueFullError as e:
+            raise APIError(503, str(e), type="server_error", code="queue_full", headers={"Retry-After": "1"}) from e
+        except EngineDeadError as e:
+            raise APIError(503, "the engine is not running", type="server_error", code="engine_dead") from e
+        except ValueError as e:
+            raise APIError(400, str(e), param=param) from e
+
+    async def collect(self, streams: list[RequestStream], request: Request,
+                      timers: list[LatencyTimer]) -> list[RequestOutput] | None:
+        """The final output of each stream; aborts them all if the client goes away first."""
+        task = asyncio.ensure_future(self.consume(streams, timers))
+        try:
+            while not task.done():
+                done, _ = await asyncio.wait({task}, timeout=0.25)
+                if not done and await request.is_disconnected():
+                    task.cancel()
+                    return None
+            return task.result()
+        finally:
+            for stream in streams:
+                stream.close()
+
+    @staticmethod
+    async def consume(streams: list[RequestStream], timers: list[LatencyTimer]) -> list[RequestOutput | None]:
+        """Every output is timed, though only each stream's last is answered."""
+        last: list[RequestOutput | None] = [None] * len(streams)
+        async with contextlib.aclosing(merged(streams)) as outputs:
+            async for i, out in outputs:
+                timers[i].observe(out)
+                last[i] = out
+        return last
+
+    def streaming_response(self, streams: list[RequestStream], writer: SSEWriter, req: SamplingRequest,
+                           timers: list[LatencyTimer]) -> StreamingResponse:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        body = self.stream_events(streams, writer, include_usage, timers)
+        return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
+
+    async def stream_events(self, streams: list[RequestStream], writer: SSEWriter, include_usage: bool,
+                            timers: list[LatencyTimer]) -> AsyncIterator[str]:
+        """SSE events ending in [DONE]. The 200 is already sent, so an engine death becomes an error event."""
+        last: list[RequestOutput | None] = [None] * len(streams)
+        try:
+            for event in writer.opening():
+                yield event
+            async with contextlib.aclosing(merged(streams)) as outputs:
+                async for i, out in outputs:
+                    timers[i].observe(out)
+                    last[i] = out
+                    for event in writer.events(i, out):
+                        yield event
+            if include_usage and all(out is not None for out in last):
+                yield writer.event([], usage=output_usage(last))
+            yield "data: [DONE]\n\n"
+        except EngineDeadError:
+            err = APIError(500, "the engine stopped while generating", type="server_error", code="engine_dead")
+            yield sse(err.body())
+        finally:
+            for stream in streams:
+                stream.close()
+
+
+# -- chat completions ------------------------------------------------------------------------------------
+
+
+class OpenAIServingChat(OpenAIServing):
+    """The OpenAI chat-completions API: chat template, images, responses; also the app's lifespan and its
+    small routes (health, metrics, models)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _: FastAPI):
@@ -149,28 +330,24 @@ class OpenAIServingChat:
         self.check_request(req)
         inputs = await self.build_prompt(req)
         params = self.sampling_params(req, len(inputs.token_ids))
-        stream = await self.submit(inputs, params)
+        stream = await self.submit(inputs.token_ids, params, inputs.pixel_values)
         response_id, created_at = new_id(), now()
         timer = LatencyTimer(self.metrics, arrival)
         if req.stream:
-            return self.streaming_response(stream, req, response_id, created_at, timer)
-        final = await self.collect(stream, request, timer)
-        if final is None:
+            writer = ChunkWriter(self.tokenizer, req, response_id, created_at)
+            return self.streaming_response([stream], writer, req, [timer])
+        finals = await self.collect([stream], request, [timer])
+        if finals is None:
             return Response(status_code=499)
-        return self.completion_body(final, req, response_id, created_at)
+        return self.completion_body(finals[0], req, response_id, created_at)
 
     def check_request(self, req: ChatCompletionRequest) -> None:
         """Fields we would otherwise silently ignore are refused, so a client never trusts an unmet option."""
-        extra = req.model_extra or {}
-        for name in UNSUPPORTED_FIELDS:
-            if extra.get(name):
-                raise APIError(400, f"{name} is not supported by this server", param=name)
-        fmt = extra.get("response_format")
+        check_unsupported(req, UNSUPPORTED_FIELDS)
+        fmt = (req.model_extra or {}).get("response_format")
         if fmt and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
             raise APIError(400, "only response_format {\"type\": \"text\"} is supported", param="response_format")
-        if req.model != self.settings.model_name:
-            raise APIError(404, f"the model {req.model!r} does not exist; this server serves "
-                                f"{self.settings.model_name!r}", param="model", code="model_not_found")
+        self.check_model(req)
 
     async def build_prompt(self, req: ChatCompletionRequest) -> PromptInputs:
         """Token ids and pixels of the chat; the engine expands each image into its soft tokens."""
@@ -196,93 +373,15 @@ class OpenAIServingChat:
         return await fetch_image(url, allow_remote=s.allow_remote_images, max_bytes=s.max_image_bytes,
                                  timeout=s.image_fetch_timeout)
 
-    def sampling_params(self, req: ChatCompletionRequest, prompt_len: int) -> SamplingParams:
-        """The request's sampling options, validated here so a bad one is a 400 naming its field."""
-        params = SamplingParams(
-            n=req.n,
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=req.top_k or 0,
-            min_p=req.min_p or 0.0,
-            presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty,
-            repetition_penalty=req.repetition_penalty or 1.0,
-            seed=req.seed,
-            max_tokens=self.max_tokens(req, prompt_len),
-            stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
-            stop_token_ids=list(req.stop_token_ids or []),
-            ignore_eos=req.ignore_eos,
-            logprobs=(req.top_logprobs or 0) if req.logprobs else None,
-            skip_special_tokens=req.skip_special_tokens,
-        )
-        self.check_params(req, params)
-        return params
-
-    def max_tokens(self, req: ChatCompletionRequest, prompt_len: int) -> int:
-        """The client's limit if it fits the context, else a 400 that says by how much; unset, the rest of it."""
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        limit = self.settings.max_model_len
-        if max_tokens is None:
-            if limit - prompt_len < 1:
-                raise APIError(400, f"the prompt has {prompt_len} tokens, which fills the maximum model length "
-                                    f"of {limit}", param="messages")
-            return limit - prompt_len
-        if prompt_len + max_tokens > limit:
-            raise APIError(400, f"the prompt ({prompt_len} tokens) plus {param} ({max_tokens}) is "
-                                f"{prompt_len + max_tokens} tokens, more than the maximum model length of "
-                                f"{limit}", param=param, code="context_length_exceeded")
-        return max_tokens
-
-    def check_params(self, req: ChatCompletionRequest, params: SamplingParams) -> None:
-        """API-level limits first (they name the API's fields), then SamplingParams' own checks."""
-        if req.n > MAX_N:
-            raise APIError(400, f"n must be at most {MAX_N}, got {req.n}", param="n")
+    def check_fields(self, req: ChatCompletionRequest) -> None:
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs to be true", param="top_logprobs")
-        try:
-            params.validate()
-        except ParamError as e:
-            raise APIError(400, str(e), param=e.param) from e
-
-    async def submit(self, inputs: PromptInputs, params: SamplingParams) -> RequestStream:
-        """Engine refusals as API errors: a full queue or a dead engine is our 503, the rest the client's 400."""
-        try:
-            return await self.engine.submit(inputs.token_ids, params, pixel_values=inputs.pixel_values)
-        except QueueFullError as e:
-            raise APIError(503, str(e), type="server_error", code="queue_full", headers={"Retry-After": "1"}) from e
-        except EngineDeadError as e:
-            raise APIError(503, "the engine is not running", type="server_error", code="engine_dead") from e
-        except ValueError as e:
-            raise APIError(400, str(e)) from e
-
-    async def collect(self, stream: RequestStream, request: Request, timer: LatencyTimer) -> RequestOutput | None:
-        """The final output; aborts the request if the client goes away first."""
-        task = asyncio.ensure_future(self.consume(stream, timer))
-        try:
-            while not task.done():
-                done, _ = await asyncio.wait({task}, timeout=0.25)
-                if not done and await request.is_disconnected():
-                    task.cancel()
-                    return None
-            return task.result()
-        finally:
-            stream.close()
-
-    @staticmethod
-    async def consume(stream: RequestStream, timer: LatencyTimer) -> RequestOutput | None:
-        """Every output is timed, though only the last is answered."""
-        last = None
-        async for out in stream:
-            timer.observe(out)
-            last = out
-        return last
 
     def completion_body(self, final: RequestOutput, req: ChatCompletionRequest, response_id: str,
                         created_at: int) -> dict[str, Any]:
         choices = [self.completion_choice(c) for c in final.outputs]
         return {"id": response_id, "object": "chat.completion", "created": created_at, "model": req.model,
-                "choices": choices, "usage": output_usage(final)}
+                "choices": choices, "usage": output_usage([final])}
 
     def completion_choice(self, c: CompletionOutput) -> dict[str, Any]:
         choice = {"index": c.index, "message": {"role": "assistant", "content": c.text},
@@ -291,54 +390,139 @@ class OpenAIServingChat:
             choice["logprobs"] = logprobs_content(self.tokenizer, c.token_ids, c.logprobs, c.top_logprobs)
         return choice
 
-    def streaming_response(self, stream: RequestStream, req: ChatCompletionRequest, response_id: str,
-                           created_at: int, timer: LatencyTimer) -> StreamingResponse:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        body = self.stream_chunks(stream, req, response_id, created_at, include_usage, timer)
-        return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
 
-    async def stream_chunks(self, stream: RequestStream, req: ChatCompletionRequest, response_id: str,
-                            created_at: int, include_usage: bool, timer: LatencyTimer) -> AsyncIterator[str]:
-        """SSE events ending in [DONE]. The 200 is already sent, so an engine death becomes an error event."""
-        chunks = ChunkWriter(self.tokenizer, req, response_id, created_at)
-        last = None
+# -- text completions ------------------------------------------------------------------------------------
+
+
+@dataclass
+class CompletionPrompt:
+    token_ids: list[int]
+    echo: str  # the text each of its choices starts with: the prompt's when the client asks for echo, else ""
+
+
+class OpenAIServingCompletion(OpenAIServing):
+    """The legacy text-completions API, for base models that continue text: no template, the prompt as given.
+
+    A batch of prompts becomes one engine request per prompt; choice i of prompt p has index p * n + i.
+    """
+
+    async def create_completion(self, req: CompletionRequest, request: Request):
+        """Refuse what we cannot honour before the engine sees it, then answer whole or as an SSE stream."""
+        arrival = time.monotonic()
+        self.check_request(req)
+        prompts = [self.build_prompt(p, req) for p in req.prompts()]
+        jobs = [(p.token_ids, self.sampling_params(req, len(p.token_ids))) for p in prompts]
+        streams = await self.submit_all(jobs)
+        response_id, created_at = new_id("cmpl"), now()
+        timers = [LatencyTimer(self.metrics, arrival) for _ in streams]
+        if req.stream:
+            writer = CompletionChunkWriter(self.tokenizer, req, response_id, created_at, [p.echo for p in prompts])
+            return self.streaming_response(streams, writer, req, timers)
+        finals = await self.collect(streams, request, timers)
+        if finals is None:
+            return Response(status_code=499)
+        return self.completion_body(finals, prompts, req, response_id, created_at)
+
+    def check_request(self, req: CompletionRequest) -> None:
+        """Options this server cannot honour are refused by name rather than quietly ignored."""
+        check_unsupported(req, UNSUPPORTED_COMPLETION_FIELDS)
+        if req.best_of is not None and req.best_of < req.n:
+            raise APIError(400, f"best_of must be at least n ({req.n}), got {req.best_of}", param="best_of")
+        if req.best_of is not None and req.best_of > req.n:
+            raise APIError(400, "best_of greater than n is not supported by this server (it would rank samples "
+                                "here by logprob); ask for n samples and rank them yourself", param="best_of")
+        if req.echo and req.logprobs is not None:
+            raise APIError(400, "echo with logprobs is not supported: this server does not compute the prompt's "
+                                "logprobs", param="echo")
+        count = len(req.prompts())
+        if count > 1 and count * req.n > MAX_N:
+            raise APIError(400, f"{count} prompts with n={req.n} make {count * req.n} sequences, more than the "
+                                f"{MAX_N} one request may have", param="prompt")
+        self.check_model(req)
+
+    def build_prompt(self, prompt: str | list[int], req: CompletionRequest) -> CompletionPrompt:
+        """Text is encoded with the bos the model expects (the tokenizer knows); token ids are used as they are,
+        and the engine refuses ids outside the model's vocabulary."""
+        if isinstance(prompt, str):
+            return CompletionPrompt(self.tokenizer.encode(prompt, add_bos=True), prompt if req.echo else "")
+        return CompletionPrompt(list(prompt), self.prompt_text(prompt, req) if req.echo else "")
+
+    def prompt_text(self, token_ids: list[int], req: CompletionRequest) -> str:
+        """The text of a token-id prompt, for echo."""
         try:
-            yield chunks.opening()
-            async for out in stream:
-                timer.observe(out)
-                last = out
-                for event in chunks.events(out):
-                    yield event
-            if include_usage and last is not None:
-                yield chunks.event([], usage=output_usage(last))
-            yield "data: [DONE]\n\n"
-        except EngineDeadError:
-            err = APIError(500, "the engine stopped while generating", type="server_error", code="engine_dead")
-            yield sse(err.body())
-        finally:
-            stream.close()
+            return self.tokenizer.decode(token_ids, skip_special_tokens=req.skip_special_tokens)
+        except ValueError as e:
+            raise APIError(400, str(e), param="prompt") from e
+
+    async def submit_all(self, jobs: list[tuple[list[int], SamplingParams]]) -> list[RequestStream]:
+        """Every prompt's request, or none: if one is refused, those already accepted are aborted."""
+        streams: list[RequestStream] = []
+        try:
+            for token_ids, params in jobs:
+                streams.append(await self.submit(token_ids, params, param="prompt"))
+        except BaseException:
+            for stream in streams:
+                stream.close()
+            raise
+        return streams
+
+    def completion_body(self, finals: list[RequestOutput], prompts: list[CompletionPrompt], req: CompletionRequest,
+                        response_id: str, created_at: int) -> dict[str, Any]:
+        choices = [self.completion_choice(p * req.n + c.index, prompt.echo, c)
+                   for p, (final, prompt) in enumerate(zip(finals, prompts)) for c in final.outputs]
+        return {"id": response_id, "object": "text_completion", "created": created_at, "model": req.model,
+                "choices": choices, "usage": output_usage(finals)}
+
+    def completion_choice(self, index: int, echo: str, c: CompletionOutput) -> dict[str, Any]:
+        logprobs = None
+        if c.logprobs is not None:
+            logprobs = legacy_logprobs(self.tokenizer, c.token_ids, c.logprobs, c.top_logprobs, offset=len(echo))
+        return {"index": index, "text": echo + c.text, "logprobs": logprobs, "finish_reason": c.finish_reason}
 
 
-class ChunkWriter:
-    """The chat.completion.chunk events of one streamed response; it remembers what each choice has sent,
-    since engine outputs carry a choice's whole token list, not just the new tokens."""
+# -- SSE writers -----------------------------------------------------------------------------------------
 
-    def __init__(self, tokenizer: GemmaTokenizer, req: ChatCompletionRequest, response_id: str, created_at: int):
+
+class SSEWriter:
+    """The events of one streamed response; it remembers what each choice has sent, since engine outputs carry
+    a choice's whole token list, not just the new tokens. Subclasses write one endpoint's chunks."""
+
+    object_name = ""
+
+    def __init__(self, tokenizer: GemmaTokenizer, req: SamplingRequest, response_id: str, created_at: int,
+                 num_choices: int):
         self.tokenizer = tokenizer
-        self.head = {"id": response_id, "object": "chat.completion.chunk", "created": created_at, "model": req.model}
-        self.n = req.n
-        self.sent_tokens = [0] * req.n
+        self.head = {"id": response_id, "object": self.object_name, "created": created_at, "model": req.model}
+        self.sent_tokens = [0] * num_choices
         self.finished: set[int] = set()
 
     def event(self, choices: list, **extra) -> str:
         return sse({**self.head, "choices": choices, **extra})
 
-    def opening(self) -> str:
-        """OpenAI's first chunk: every choice's role, with empty content."""
-        return self.event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                            "finish_reason": None} for i in range(self.n)])
+    def opening(self) -> list[str]:
+        """Events sent before any output."""
+        return []
 
-    def events(self, out: RequestOutput) -> Iterator[str]:
+    def events(self, prompt: int, out: RequestOutput) -> Iterator[str]:
+        """The events of one output of the request for prompt number `prompt`."""
+        raise NotImplementedError
+
+
+class ChunkWriter(SSEWriter):
+    """The chat.completion.chunk events of one streamed chat response."""
+
+    object_name = "chat.completion.chunk"
+
+    def __init__(self, tokenizer: GemmaTokenizer, req: ChatCompletionRequest, response_id: str, created_at: int):
+        super().__init__(tokenizer, req, response_id, created_at, req.n)
+        self.n = req.n
+
+    def opening(self) -> list[str]:
+        """OpenAI's first chunk: every choice's role, with empty content."""
+        return [self.event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None} for i in range(self.n)])]
+
+    def events(self, prompt: int, out: RequestOutput) -> Iterator[str]:
         for c in out.outputs:
             yield from self.choice_events(c)
 
@@ -364,22 +548,67 @@ class ChunkWriter:
         return self.event([choice])
 
 
+class CompletionChunkWriter(SSEWriter):
+    """The text_completion events of one streamed completion: each carries one choice's new text (and its
+    logprobs), and the choice's finish_reason rides on its last event."""
+
+    object_name = "text_completion"
+
+    def __init__(self, tokenizer: GemmaTokenizer, req: CompletionRequest, response_id: str, created_at: int,
+                 echoes: list[str]):
+        super().__init__(tokenizer, req, response_id, created_at, len(echoes) * req.n)
+        self.n, self.echoes = req.n, echoes
+        self.offsets = [len(echo) for echo in echoes for _ in range(req.n)]  # text_offset of each choice's next token
+
+    def opening(self) -> list[str]:
+        """With echo, every choice starts with its prompt's text."""
+        return [self.event([{"index": p * self.n + i, "text": echo, "logprobs": None, "finish_reason": None}])
+                for p, echo in enumerate(self.echoes) if echo for i in range(self.n)]
+
+    def events(self, prompt: int, out: RequestOutput) -> Iterator[str]:
+        for c in out.outputs:
+            event = self.choice_event(prompt * self.n + c.index, c)
+            if event is not None:
+                yield event
+
+    def choice_event(self, index: int, c: CompletionOutput) -> str | None:
+        """None when there is nothing to send (e.g. a token still held back as a possible stop string)."""
+        start = self.sent_tokens[index]
+        new_ids = c.token_ids[start:]
+        self.sent_tokens[index] = len(c.token_ids)
+        finish = None
+        if c.finish_reason is not None and index not in self.finished:
+            self.finished.add(index)
+            finish = c.finish_reason
+        with_logprobs = bool(new_ids) and c.logprobs is not None
+        if not (c.delta_text or with_logprobs or finish):
+            return None
+        choice = {"index": index, "text": c.delta_text, "logprobs": None, "finish_reason": finish}
+        if with_logprobs:
+            choice["logprobs"] = legacy_logprobs(self.tokenizer, new_ids, c.logprobs[start:], c.top_logprobs[start:],
+                                                 offset=self.offsets[index])
+            self.offsets[index] += sum(len(token) for token in choice["logprobs"]["tokens"])
+        return self.event([choice])
+
+
 # -- wiring ----------------------------------------------------------------------------------------------
 
 
 def create_app(engine: AsyncEngine, tokenizer: GemmaTokenizer, settings: ServerSettings) -> FastAPI:
     serving = OpenAIServingChat(engine, tokenizer, settings)
+    completion = OpenAIServingCompletion(engine, tokenizer, settings, serving.metrics)  # one set of histograms
     app = FastAPI(title="gemma-tpa", version="0.1.0", lifespan=serving.lifespan)
     add_error_handlers(app)
     add_auth(app, settings)
-    add_routes(app, serving)
+    add_routes(app, serving, completion)
     app.state.engine = engine
     app.state.metrics = serving.metrics
     app.state.serving = serving
+    app.state.serving_completion = completion
     return app
 
 
-def add_routes(app: FastAPI, serving: OpenAIServingChat) -> None:
+def add_routes(app: FastAPI, serving: OpenAIServingChat, completion: OpenAIServingCompletion) -> None:
     """Thin routes: FastAPI reads each signature to parse the request, so they stay plain functions."""
 
     @app.get("/health")
@@ -397,6 +626,10 @@ def add_routes(app: FastAPI, serving: OpenAIServingChat) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         return await serving.create_chat_completion(req, request)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        return await completion.create_completion(req, request)
 
 
 def add_error_handlers(app: FastAPI) -> None:

@@ -1,12 +1,13 @@
-"""The OpenAI chat-completions wire format: request models (pydantic) and response builders."""
+"""The OpenAI wire format of chat completions and legacy text completions: request models (pydantic) and
+response builders."""
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 
 class APIError(Exception):
@@ -45,14 +46,16 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
-    """Fields we honour; unknown fields are ignored, fields we cannot honour are refused by the route."""
+class SamplingRequest(BaseModel):
+    """What chat and text completions share: the model, the sampling options, streaming and vLLM's extras.
+
+    Unknown fields are ignored; fields we cannot honour are refused by the route.
+    """
 
     model_config = ConfigDict(extra="allow")
+    prompt_param: ClassVar[str]  # the field that holds the prompt, for errors about its length
     model: str
-    messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
-    max_completion_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     n: int = 1
@@ -60,8 +63,6 @@ class ChatCompletionRequest(BaseModel):
     stop: str | list[str] | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logprobs: bool = False
-    top_logprobs: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -73,12 +74,78 @@ class ChatCompletionRequest(BaseModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
 
+    def token_limit(self) -> tuple[str, int | None]:
+        """(field name, value) of the output length limit, so errors name the field the client used."""
+        return "max_tokens", self.max_tokens
+
+    def logprob_count(self) -> int | None:
+        """SamplingParams.logprobs: None for none, k for the chosen token's logprob and k alternatives."""
+        raise NotImplementedError
+
+
+class ChatCompletionRequest(SamplingRequest):
+    """POST /v1/chat/completions."""
+
+    prompt_param: ClassVar[str] = "messages"
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+    def token_limit(self) -> tuple[str, int | None]:
+        """OpenAI's newer max_completion_tokens wins over max_tokens when both are set."""
+        if self.max_completion_tokens is not None:
+            return "max_completion_tokens", self.max_completion_tokens
+        return "max_tokens", self.max_tokens
+
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class CompletionRequest(SamplingRequest):
+    """POST /v1/completions, the legacy API for base models that continue text.
+
+    `prompt` is a string, a list of token ids, or a list of either (a batch: each is a request of its own).
+    `logprobs` is strict: a chat-style `true` is a mistake here, not one alternative.
+    """
+
+    prompt_param: ClassVar[str] = "prompt"
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+    max_tokens: int | None = 16  # OpenAI's default for this endpoint; null means up to the context length
+    logprobs: StrictInt | None = None
+    echo: bool = False
+    best_of: int | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def check_prompt(cls, value: Any) -> Any:
+        """One clear message for every wrong shape, instead of pydantic's error for each branch of the union."""
+        if isinstance(value, str) or (isinstance(value, list) and value and (
+                all(isinstance(p, str) for p in value) or all(is_token_id(t) for t in value)
+                or all(isinstance(p, list) and p and all(is_token_id(t) for t in p) for p in value))):
+            return value
+        raise ValueError("prompt must be a string, a non-empty list of token ids, or a non-empty list of either")
+
+    def prompts(self) -> list[str | list[int]]:
+        """The batch: each prompt a string or a list of token ids."""
+        if isinstance(self.prompt, str) or is_token_id(self.prompt[0]):
+            return [self.prompt]
+        return list(self.prompt)
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
+
+
+def is_token_id(value: Any) -> bool:
+    return type(value) is int  # not bool, which is an int to isinstance
+
 
 UNSUPPORTED_FIELDS = ("tools", "tool_choice", "functions", "function_call", "audio", "modalities", "prediction")
+UNSUPPORTED_COMPLETION_FIELDS = ("suffix",)  # insertion needs a fill-in-the-middle model
 
 
-def new_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex}"
+def new_id(prefix: str = "chatcmpl") -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
 
 
 def now() -> int:
@@ -94,11 +161,16 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
     }
 
 
+def token_text(tokenizer, token_id: int) -> str:
+    """A token's own text, control tokens written out, as logprobs show it."""
+    return tokenizer.decode([token_id], skip_special_tokens=False)
+
+
 def logprobs_content(tokenizer, token_ids: list[int], logprobs: list[float], tops: list) -> dict[str, Any]:
     """OpenAI's logprobs object: one entry per generated token, with its top alternatives."""
 
     def entry(token_id: int, lp: float) -> dict[str, Any]:
-        text = tokenizer.decode([token_id], skip_special_tokens=False)
+        text = token_text(tokenizer, token_id)
         return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
 
     content = []
@@ -107,3 +179,24 @@ def logprobs_content(tokenizer, token_ids: list[int], logprobs: list[float], top
         item["top_logprobs"] = [entry(t, v) for t, v in (top or [])]
         content.append(item)
     return {"content": content}
+
+
+def legacy_logprobs(tokenizer, token_ids: list[int], logprobs: list[float], tops: list,
+                    offset: int = 0) -> dict[str, Any]:
+    """The text-completions logprobs object: parallel lists, one entry per token.
+
+    `top_logprobs` maps each alternative's text to its logprob, the sampled token always among them (so up to
+    k + 1 entries, as OpenAI documents); where two ids share a text the likelier one is kept. `text_offset` is
+    where each token starts in the choice's text, counting from `offset`: the sum of the token texts before it.
+    """
+    tokens = [token_text(tokenizer, t) for t in token_ids]
+    top_logprobs, offsets = [], []
+    for text, lp, top in zip(tokens, logprobs, tops):
+        alternatives: dict[str, float] = {}
+        for t, v in top or []:
+            alternatives.setdefault(token_text(tokenizer, t), v)
+        alternatives.setdefault(text, lp)
+        top_logprobs.append(alternatives)
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": list(logprobs), "top_logprobs": top_logprobs, "text_offset": offsets}
