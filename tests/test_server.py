@@ -19,13 +19,16 @@ MODEL = "demo"  # the tiny random demo model (with a vision tower): fast, and it
 
 
 class LiveServer:
-    def __init__(self, argv):
+    """tpa-serve's app on a loopback port, in this process; the demo model unless `model` says (None: the
+    default model)."""
+
+    def __init__(self, argv, model: str | None = "demo"):
         import uvicorn
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        args = ["--model", "demo", *argv, "--port", str(self.port)]
+        args = [*(["--model", model] if model else []), *argv, "--port", str(self.port)]
         self.app, self.engine = build_server(serve_parser().parse_args(args))
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
