@@ -40,7 +40,7 @@ class OurStep:
         self.model = model
         specs = layer_cache_specs(model.config, model.dtype)
         pools = group_pools(specs)
-        per_seq = {p.name: max_blocks_per_seq(context + 1, BLOCK, p.spec.window) for p in pools}
+        per_seq = {p.name: max_blocks_per_seq(context + 1, BLOCK, p.window) for p in pools}
         self.kv = KVCache(specs, {p: batch * n for p, n in per_seq.items()}, BLOCK, model.device)
         for layer in self.kv.layers:
             for t in layer.tensors():

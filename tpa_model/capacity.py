@@ -30,7 +30,7 @@ class CacheLayout:
 
     @cached_property
     def windows(self) -> dict[str, int | None]:
-        return {p.name: p.spec.window for p in group_pools(self.specs)}
+        return {p.name: p.window for p in group_pools(self.specs)}
 
     def session_blocks(self, num_tokens: int, chunk: int = 1) -> dict[str, int]:
         """Blocks one session of num_tokens holds at its longest, per pool."""
@@ -94,7 +94,7 @@ class CapacityReport:
         pools = "; ".join(f"{name}: {desc}" for name, desc in self.pools.items())
         return (
             f"KV cache: {self.cache_bytes / 2**30:.3f} GiB ({pools}); it holds {self.sessions} sessions of "
-            f"{self.session_len} tokens at once, against {self.standard_sessions} for a standard Gemma 3 cache "
+            f"{self.session_len} tokens at once, against {self.standard_sessions} for a standard GQA cache "
             f"in the same memory (x{ratio:.2f}; {self.bytes_per_token:.0f} vs {self.bytes_per_token_standard:.0f} "
             f"bytes per token); with --max-num-seqs {self.max_num_seqs} the engine runs up to "
             f"{self.engine_limit} such sessions at once"
@@ -111,7 +111,8 @@ def capacity_report(
     sessions = min((num_blocks[p] - extra[p]) // need[p] for p in need)
     standard = CacheLayout("standard", standard_specs(layout.specs), layout.block_size)
     pools = {
-        p.name: f"{p.spec.layout}, {'window ' + str(p.spec.window) if p.spec.window else 'full context'}, "
+        p.name: f"{p.layouts[0] if len(p.layouts) == 1 else f'{len(p.layouts)} layouts (ranks per layer)'}, "
+                f"{'window ' + str(p.window) if p.window else 'full context'}, "
                 f"{len(p.layers)} layer{'s' if len(p.layers) > 1 else ''}, {num_blocks[p.name]} blocks"
         for p in group_pools(layout.specs)
     }

@@ -3,8 +3,8 @@
 Every layer declares a CacheSpec: its keys and values are each stored either plain (G x d numbers per token,
 as in a standard GQA cache) or as TPA factors of rank R (R x G head factors and R x d token factors). A part
 at full rank (R = G) is always stored plain: the factors would cost R (G + d) > G d numbers for the same
-keys. Layers with equal specs share one block pool; a sliding-window layer's pool only keeps the blocks
-its window can still see.
+keys. Layers with the same window share one block pool (one block table per sequence, whatever each layer's
+ranks); a sliding-window pool only keeps the blocks its window can still see.
 
 Storage per layer, one slot per cached token (slot = block * block_size + offset):
     plain part     [G, slots, d]                  (head-major: a tile of one head's keys is contiguous)
@@ -84,38 +84,28 @@ def max_blocks_per_seq(num_tokens: int, block_size: int, window: int | None, chu
 
 @dataclass
 class Pool:
-    """Layers that share one block pool: same spec, same block table per sequence."""
+    """Layers that share one block pool and one block table per sequence: the layers with the same window.
+    Their specs may differ (ranks per layer): each layer stores its own bytes per slot."""
 
     name: str
-    spec: CacheSpec
+    window: int | None
     layers: list[int]
+    layouts: list[str]  # the distinct layouts of its layers, in layer order
 
 
 def group_pools(specs: list[CacheSpec]) -> list[Pool]:
-    """One pool per distinct spec, in layer order, named 'global' or 'sliding'; where a model has several
-    pools of one kind, the name adds the window and the layout."""
-    pools: dict[CacheSpec, Pool] = {}
+    """One pool per distinct window, in layer order: 'global' (no window) and 'sliding', or, where a model
+    has several windows, 'sliding<W>'."""
+    pools: dict[int | None, Pool] = {}
     for layer, spec in enumerate(specs):
-        if spec not in pools:
-            pools[spec] = Pool("", spec, [])
-        pools[spec].layers.append(layer)
-    kinds = [_kind(spec) for spec in pools]
-    for spec, pool in pools.items():
-        pool.name = _kind(spec) if kinds.count(_kind(spec)) == 1 else _long_name(spec)
-    names = [p.name for p in pools.values()]
-    if len(set(names)) != len(names):
-        raise ValueError(f"cache pools with clashing names: {names}")
+        pool = pools.setdefault(spec.window, Pool("", spec.window, [], []))
+        pool.layers.append(layer)
+        if spec.layout not in pool.layouts:
+            pool.layouts.append(spec.layout)
+    windowed = [w for w in pools if w is not None]
+    for window, pool in pools.items():
+        pool.name = "global" if window is None else "sliding" if len(windowed) == 1 else f"sliding{window}"
     return list(pools.values())
-
-
-def _kind(spec: CacheSpec) -> str:
-    return "global" if spec.window is None else "sliding"
-
-
-def _long_name(spec: CacheSpec) -> str:
-    layout = "standard" if spec.layout == "standard" else f"k{spec.k_rank}v{spec.v_rank}"
-    window = "" if spec.window is None else str(spec.window)
-    return f"{_kind(spec)}{window}-{layout}"
 
 
 class LayerKV:

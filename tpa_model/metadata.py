@@ -101,7 +101,7 @@ def build_metadata(
 
     host = {"positions": positions, "limits": limits, "logits": np.asarray(logits_indices, dtype=np.int64)}
     pool_hosts = [
-        _pool_arrays(pool.spec.window, kv.block_size, tables, starts_np, lengths_np, positions, seq_of_token)
+        _pool_arrays(pool.window, kv.block_size, tables, starts_np, lengths_np, positions, seq_of_token)
         for pool, tables in zip(kv.pools, block_tables)
     ]
     for p, arrays in enumerate(pool_hosts):
@@ -109,7 +109,7 @@ def build_metadata(
     dev = _to_device(host, device)
     pools = [
         PoolMetadata(dev[f"{p}.slots"], dev[f"{p}.tables"], dev[f"{p}.first"], arrays["num_blocks"].tolist(),
-                     pool.spec.window, kv.block_size)
+                     pool.window, kv.block_size)
         for p, (pool, arrays) in enumerate(zip(kv.pools, pool_hosts))
     ]
     return AttentionMetadata(kv, backend, dev["positions"], dev["limits"], query_start.tolist(), num_decodes,

@@ -82,7 +82,7 @@ class ModelRunner:
     @property
     def pools(self) -> dict[str, tuple[int | None, int]]:
         """pool -> (window, number of blocks): what the block managers mirror."""
-        return {p.name: (p.spec.window, self.kv.num_blocks[p.name]) for p in self.kv.pools}
+        return {p.name: (p.window, self.kv.num_blocks[p.name]) for p in self.kv.pools}
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> StepOutput:
