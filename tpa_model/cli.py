@@ -14,6 +14,7 @@ from .convert import DEFAULT_ENERGY, reduce_rank
 from .hf_tokenizer import load_tokenizer
 from .loader import load_model, save_model
 from .models import resolve_model
+from .rank_allocation import cache_fraction, choose_layer_ranks
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -44,6 +45,19 @@ def resolve_dtype(args: argparse.Namespace) -> torch.dtype:
     return torch.bfloat16 if str(args.device).startswith("cuda") else torch.float32
 
 
+def budget_ranks(model, calibration_ids, args) -> tuple[list[int], list[int]]:
+    """Per-layer (k, v) ranks from measured sensitivity, within --cache-budget and --sliding-budget."""
+    if calibration_ids is None:
+        raise ValueError("--cache-budget measures each layer's sensitivity on text: give --calibration")
+    if args.k_rank is not None or args.v_rank is not None:
+        raise ValueError("--cache-budget chooses the ranks: leave out --k-rank and --v-rank")
+    for name in ("cache_budget", "sliding_budget"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise ValueError(f"--{name.replace('_', '-')} must be between 0 and 1, got {getattr(args, name)}")
+    ranks = choose_layer_ranks(model, calibration_ids, args.cache_budget, args.sliding_budget)
+    return [k for k, _ in ranks], [v for _, v in ranks]
+
+
 def convert_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="tpa-convert",
@@ -60,6 +74,12 @@ def convert_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration", type=Path, default=None,
                         help="text file for an activation-aware basis and the KL report")
     parser.add_argument("--calibration-tokens", type=int, default=512)
+    parser.add_argument("--cache-budget", type=float, default=None,
+                        help="choose a rank per layer so the global layers store at most this fraction of a "
+                             "standard cache's bytes per token (all layers of a model without sliding windows); "
+                             "needs --calibration")
+    parser.add_argument("--sliding-budget", type=float, default=1.0,
+                        help="the same for sliding-window layers (default 1.0: exact)")
     args = parser.parse_args(argv)
     try:
         t0 = time.perf_counter()
@@ -71,15 +91,19 @@ def convert_main(argv: list[str] | None = None) -> int:
             text = args.calibration.read_text(encoding="utf-8")
             ids = tokenizer.encode(text, add_bos=True)[: args.calibration_tokens]
             calibration_ids = torch.tensor([ids], dtype=torch.long)
-        report = reduce_rank(
-            model, args.k_rank, args.v_rank, args.q_rank, calibration_ids=calibration_ids, energy=args.energy
-        )
+        k_rank, v_rank = args.k_rank, args.v_rank
+        if args.cache_budget is not None:
+            k_rank, v_rank = budget_ranks(model, calibration_ids, args)
+        report = reduce_rank(model, k_rank, v_rank, args.q_rank, calibration_ids=calibration_ids, energy=args.energy)
         print(report.format())
+        if args.cache_budget is not None:
+            print(f"cache per token: {cache_fraction(model.config):.3f} of a standard cache over all layers")
         save_model(model, args.out, tokenizer=load_tokenizer(source), tokenizer_dir=source)
     except (CheckpointError, OSError, ValueError) as e:
         print(f"tpa-convert: error: {e}", file=sys.stderr)
         return 1
     cfg = model.config
-    print(f"saved TPA checkpoint to {args.out} (k_rank={cfg.k_rank}, v_rank={cfg.v_rank}, "
-          f"q_rank={cfg.tpa.q_rank or 'dense'}) in {time.perf_counter() - t0:.1f}s")
+    ranks = "ranks per layer as in the table" if cfg.ranks_differ else f"k_rank={cfg.k_rank}, v_rank={cfg.v_rank}"
+    print(f"saved TPA checkpoint to {args.out} ({ranks}, q_rank={cfg.tpa.q_rank or 'dense'}) "
+          f"in {time.perf_counter() - t0:.1f}s")
     return 0

@@ -33,6 +33,7 @@ class TPAConfig:
     k_rank: int | None = None
     v_rank: int | None = None
     q_rank: int | None = None
+    layer_ranks: list[list[int]] | None = None  # [k_rank, v_rank] of every layer; overrides k_rank and v_rank
 
 
 @dataclass
@@ -89,24 +90,50 @@ class TextConfig:
         ):
             if rank is not None and not 1 <= rank <= limit:
                 raise ConfigError(f"{name} must be between 1 and {limit} (the number of heads), got {rank}")
+        ranks = self.tpa.layer_ranks
+        if ranks is not None:
+            if len(ranks) != self.num_hidden_layers or any(len(r) != 2 for r in ranks):
+                raise ConfigError(f"tpa.layer_ranks needs one [k_rank, v_rank] pair per layer "
+                                  f"({self.num_hidden_layers}), got {ranks}")
+            if any(not 1 <= int(r) <= self.num_key_value_heads for pair in ranks for r in pair):
+                raise ConfigError(f"tpa.layer_ranks must be between 1 and {self.num_key_value_heads}, got {ranks}")
+            self.tpa.layer_ranks = [[int(k), int(v)] for k, v in ranks]
 
     @property
     def k_rank(self) -> int:
+        """The key rank (the largest of any layer when ranks differ per layer)."""
+        if self.tpa.layer_ranks:
+            return max(k for k, _ in self.tpa.layer_ranks)
         return self.tpa.k_rank or self.num_key_value_heads
 
     @property
     def v_rank(self) -> int:
+        if self.tpa.layer_ranks:
+            return max(v for _, v in self.tpa.layer_ranks)
         return self.tpa.v_rank or self.num_key_value_heads
 
     def layer_ranks(self, layer: int) -> tuple[int, int]:
         """(k_rank, v_rank) of one layer: what its attention computes and its cache stores."""
+        if self.tpa.layer_ranks:
+            k, v = self.tpa.layer_ranks[layer]
+            return k, v
         return self.k_rank, self.v_rank
+
+    @property
+    def ranks_differ(self) -> bool:
+        return len({self.layer_ranks(i) for i in range(self.num_hidden_layers)}) > 1
 
     def is_sliding(self, layer: int) -> bool:
         return self.layer_types[layer] == SLIDING
 
     def with_ranks(self, k_rank: int | None, v_rank: int | None, q_rank: int | None = None) -> TextConfig:
         return dataclasses.replace(self, tpa=TPAConfig(k_rank=k_rank, v_rank=v_rank, q_rank=q_rank))
+
+    def with_layer_ranks(self, ranks: list[tuple[int, int]], q_rank: int | None = None) -> TextConfig:
+        """Ranks per layer; equal ranks everywhere are stored as one pair."""
+        if len(set(ranks)) == 1:
+            return self.with_ranks(*ranks[0], q_rank)
+        return dataclasses.replace(self, tpa=TPAConfig(q_rank=q_rank, layer_ranks=[list(r) for r in ranks]))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -20,7 +20,7 @@ from .model import GemmaTPAModel
 from .tpa import FactorProjection, TPAttention, combine
 
 DEFAULT_ENERGY = 0.99
-RankSpec = int | str | None  # an int, "auto" (energy threshold), or None (leave as is)
+RankSpec = int | str | list[int] | None  # an int, one per layer, "auto" (energy threshold), or None (as is)
 
 
 @dataclass
@@ -142,17 +142,24 @@ def attention_inputs(model: GemmaTPAModel, input_ids: torch.Tensor) -> tuple[lis
     return [x.float() for x in captured], logits.float()
 
 
-def _resolve(spec: RankSpec, covariances: list[torch.Tensor], energy: float, current: int) -> int:
+def _resolve(spec: RankSpec, covariances: list[torch.Tensor], energy: float, current: list[int]) -> list[int]:
+    """The rank of every layer for one projection."""
     if spec is None:
-        return current
+        return list(current)
     if spec == "auto":
-        return max(energy_rank(C, energy) for C in covariances)
-    rank = int(spec)
-    if rank > current:
-        raise ValueError(f"cannot raise a rank from {current} to {rank}: the checkpoint stores rank {current}")
-    if rank < 1:
-        raise ValueError(f"ranks must be at least 1, got {rank}")
-    return rank
+        ranks = [max(energy_rank(C, energy) for C in covariances)] * len(current)
+    elif isinstance(spec, (list, tuple)):
+        if len(spec) != len(current):
+            raise ValueError(f"{len(spec)} ranks given for {len(current)} layers")
+        ranks = [int(r) for r in spec]
+    else:
+        ranks = [int(spec)] * len(current)
+    for rank, have in zip(ranks, current):
+        if rank > have:
+            raise ValueError(f"cannot raise a rank from {have} to {rank}: the checkpoint stores rank {have}")
+        if rank < 1:
+            raise ValueError(f"ranks must be at least 1, got {rank}")
+    return ranks
 
 
 @torch.no_grad()
@@ -189,9 +196,11 @@ def reduce_rank(
             if attn.q is None:
                 attn.q = dense_queries_to_factors(attn)
                 del attn.q_proj, attn.q_norm
-    plans = [("k", k_rank, cfg.k_rank), ("v", v_rank, cfg.v_rank)]
+    layers = range(cfg.num_hidden_layers)
+    plans = [("k", k_rank, [cfg.layer_ranks(i)[0] for i in layers]),
+             ("v", v_rank, [cfg.layer_ranks(i)[1] for i in layers])]
     if q_rank is not None:
-        plans.append(("q", q_rank, cfg.tpa.q_rank or cfg.num_attention_heads))
+        plans.append(("q", q_rank, [cfg.tpa.q_rank or cfg.num_attention_heads] * cfg.num_hidden_layers))
     covs = {
         name: [head_covariance(getattr(a, name).head_weights(), x if use_x else None) for a, x in zip(attns, inputs)]
         for name, _, _ in plans
@@ -203,14 +212,14 @@ def reduce_rank(
         for name, _, _ in plans:
             proj = getattr(attn, name)
             before = _heads(proj, x)
-            U, kept = head_basis(covs[name][i], ranks[name])
+            U, kept = head_basis(covs[name][i], ranks[name][i])
             if U.shape[1] != proj.rank:
                 refactor(proj, U)
             stats[name] = (kept, _relative_error(before, _heads(proj, x)))
-        report.layers.append(
-            LayerReport(i, ranks["k"], ranks["v"], stats["k"][0], stats["v"][0], stats["k"][1], stats["v"][1])
-        )
-    model.config = cfg.with_ranks(ranks["k"], ranks["v"], ranks.get("q", cfg.tpa.q_rank))
+        report.layers.append(LayerReport(
+            i, ranks["k"][i], ranks["v"][i], stats["k"][0], stats["v"][0], stats["k"][1], stats["v"][1]))
+    q = ranks["q"][0] if "q" in ranks else cfg.tpa.q_rank
+    model.config = cfg.with_layer_ranks(list(zip(ranks["k"], ranks["v"])), q)
     report.q_rank = model.config.tpa.q_rank
     if logits_before is not None:
         logits_after = model(calibration_ids.to(device)).float()

@@ -142,11 +142,16 @@ class GemmaTPAModel(nn.Module):
     ) -> torch.Tensor:
         if metadata is None:
             return self.forward_sequences(input_ids, pixel_values)
-        x = self.embed_with_images(input_ids, pixel_values)
-        ropes = {kind: rotary(positions, x.dtype) for kind, rotary in self.rotary.items()}
-        for layer in self.layers:
-            x = layer(x, ropes[layer.layer_type], metadata)
+        x = self.decode_layers(self.embed_with_images(input_ids, pixel_values), positions, metadata)
         return self.logits(x[metadata.logits_indices])
+
+    def decode_layers(self, x: torch.Tensor, positions, metadata: AttentionMetadata, start: int = 0) -> torch.Tensor:
+        """The decoder layers from `start` on, over hidden states x [N, D] (what layer `start` takes in):
+        conversion tools rerun only the layers after the one they changed."""
+        ropes = {kind: rotary(positions, x.dtype) for kind, rotary in self.rotary.items()}
+        for layer in self.layers[start:]:
+            x = layer(x, ropes[layer.layer_type], metadata)
+        return x
 
     def forward_sequences(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
         """Whole sequences [B, L] -> logits [B, L, vocab], through a cache that lives for this call."""
