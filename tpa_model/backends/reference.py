@@ -9,7 +9,9 @@ On factors, every query head meets the token factors in one product (they are sh
 head factors then weight each (token, rank) pair per kv group:
     s[h, t] = scale * sum_r a_k[t, r, g(h)] * (q_h . b_k[t, r])
     o_h     = sum_{t, r} (p[h, t] * a_v[t, r, g(h)]) * b_v[t, r]
-Plain parts are standard GQA: the query heads of a group against that group's keys.
+Plain parts are standard GQA: the query heads of a group against that group's keys. A prefill chunk's many
+queries share every key, so there a tile's keys and values are rebuilt from their factors first (R d work per
+key, against M R d for attending on factors with M queries), one tile at a time.
 """
 
 from __future__ import annotations
@@ -70,12 +72,13 @@ class ReferenceBackend:
         q = q.contiguous().view(B, G, H // G * L, d)
         tile = self.tile_blocks(B, H, L, kv, block_size)
         nb = table.shape[1]
+        dense = dense_parts(kv, H // G * L)
         if nb <= tile:  # one tile: a plain softmax
-            s = masked_scores(q, kv, table, first_pos, 0, q_pos, limits, window, block_size, scale, L)
-            out = tile_values(torch.softmax(s, dim=-1), kv, table, block_size)
+            s = masked_scores(q, kv, table, first_pos, 0, q_pos, limits, window, block_size, scale, L, dense[0])
+            out = tile_values(torch.softmax(s, dim=-1), kv, table, block_size, dense[1])
         else:
             tiles = ((table[:, j : j + tile], j * block_size) for j in range(0, nb, tile))
-            out = online_softmax(q, kv, tiles, first_pos, q_pos, limits, window, block_size, scale, L)
+            out = online_softmax(q, kv, tiles, first_pos, q_pos, limits, window, block_size, scale, L, dense)
         return out.reshape(B, H, L, d).to(q.dtype)
 
     def tile_blocks(self, B: int, H: int, L: int, kv: LayerKV, block_size: int) -> int:
@@ -86,19 +89,30 @@ class ReferenceBackend:
         return max(1, tokens // block_size)
 
 
-def online_softmax(q, kv: LayerKV, tiles, first_pos, q_pos, limits, window, block_size, scale, L) -> torch.Tensor:
+def dense_parts(kv: LayerKV, queries_per_group: int) -> tuple[bool, bool]:
+    """Whether to rebuild a tile's keys (values) from their factors before the product. Per key and group,
+    attending on factors costs M R d multiply-adds for M queries; rebuilding costs R d, then M d. With many
+    queries (a prefill chunk) and R >= 2 rebuilding is cheaper; one decode query reads the factors only."""
+    M = queries_per_group
+    k_rank, v_rank = kv.spec.k_rank, kv.spec.v_rank
+    return (kv.spec.k_factored and M * (k_rank - 1) > k_rank and M > 1,
+            kv.spec.v_factored and M * (v_rank - 1) > v_rank and M > 1)
+
+
+def online_softmax(q, kv: LayerKV, tiles, first_pos, q_pos, limits, window, block_size, scale, L,
+                   dense=(False, False)) -> torch.Tensor:
     """softmax(s) V over tiles of keys, one after another: a running max, sum and output rescaled per tile."""
     B, G, M, d = q.shape
     m = torch.full((B, G, M // L, L, 1), NEG, device=q.device)
     total = torch.zeros_like(m)
     acc = torch.zeros(B, G, M // L, L, d, device=q.device)
     for blocks, offset in tiles:
-        s = masked_scores(q, kv, blocks, first_pos, offset, q_pos, limits, window, block_size, scale, L)
+        s = masked_scores(q, kv, blocks, first_pos, offset, q_pos, limits, window, block_size, scale, L, dense[0])
         m_new = torch.maximum(m, s.amax(-1, keepdim=True))
         p = torch.exp(s - m_new)
         alpha = torch.exp(m - m_new)
         total = total * alpha + p.sum(-1, keepdim=True)
-        acc = acc * alpha + tile_values(p, kv, blocks, block_size)
+        acc = acc * alpha + tile_values(p, kv, blocks, block_size, dense[1])
         m = m_new
     return acc / total
 
@@ -112,14 +126,16 @@ def key_visibility(first_pos, offset, T, q_pos, limits, window) -> torch.Tensor:
     return visible
 
 
-def masked_scores(q, kv: LayerKV, blocks, first_pos, offset, q_pos, limits, window, block_size, scale, L):
+def masked_scores(q, kv: LayerKV, blocks, first_pos, offset, q_pos, limits, window, block_size, scale, L,
+                  dense: bool = False):
     """Float32 scores [B, G, H/G, L, T] of one tile, invisible keys at -inf. q: [B, G, H/G * L, d]."""
     B, G = q.shape[:2]
     T = blocks.shape[1] * block_size
-    if kv.spec.k_factored:
+    if kv.spec.k_factored and not dense:
         s = factor_scores(q, kv.k, blocks, block_size).view(B, G, -1, L, T)
     else:  # group-major: a view, no copy
-        s = plain_scores(q, kv.k[0], blocks, block_size).view(G, B, -1, L, T).transpose(0, 1)
+        k = rebuild(kv.k, blocks, block_size) if dense else gather_plain(kv.k[0], blocks, block_size)
+        s = torch.matmul(q.transpose(0, 1), k.transpose(-1, -2)).view(G, B, -1, L, T).transpose(0, 1)
     visible = key_visibility(first_pos, offset, T, q_pos, limits, window)
     return (s.float() * scale).masked_fill(~visible[:, None, None], float("-inf"))
 
@@ -138,10 +154,11 @@ def gather_factor(store: torch.Tensor, blocks: torch.Tensor, block_size: int) ->
     return tile.view(blocks.shape[0], -1, R, width)
 
 
-def plain_scores(q, keys: torch.Tensor, blocks, block_size) -> torch.Tensor:
-    """[G, B, M, T]: each group's queries against its own keys. keys: [G, slots, d]."""
-    k = gather_plain(keys, blocks, block_size)
-    return torch.matmul(q.transpose(0, 1), k.transpose(-1, -2))
+def rebuild(parts: tuple[torch.Tensor, torch.Tensor], blocks, block_size) -> torch.Tensor:
+    """[G, B, T, d]: one tile's keys (or values) rebuilt from its factors, sum_r a[t, r, g] b[t, r]."""
+    a = gather_factor(parts[0], blocks, block_size)  # [B, T, R, G]
+    b = gather_factor(parts[1], blocks, block_size)  # [B, T, R, d]
+    return (a.unsqueeze(-1) * b.unsqueeze(-2)).sum(2).permute(2, 0, 1, 3).contiguous()
 
 
 def factor_scores(q, parts: tuple[torch.Tensor, torch.Tensor], blocks, block_size) -> torch.Tensor:
@@ -158,17 +175,17 @@ def factor_scores(q, parts: tuple[torch.Tensor, torch.Tensor], blocks, block_siz
     return (qb * a).sum(-1)
 
 
-def tile_values(p: torch.Tensor, kv: LayerKV, blocks, block_size) -> torch.Tensor:
+def tile_values(p: torch.Tensor, kv: LayerKV, blocks, block_size, dense: bool = False) -> torch.Tensor:
     """sum_t p[.., t] V[t] for one tile. p: [B, G, H/G, L, T] float32; returns float32 [B, G, H/G, L, d]."""
     B, G, Hg, L, T = p.shape
-    if kv.spec.v_factored:
+    if kv.spec.v_factored and not dense:
         head, token = kv.v
         R, d = token.shape[1:]
         b = gather_factor(token, blocks, block_size).view(B, T * R, d)
         a = gather_factor(head, blocks, block_size).permute(0, 3, 1, 2)  # [B, G, T, R]
         pa = (p.unsqueeze(-1) * a[:, :, None, None]).to(b.dtype).reshape(B, G * Hg * L, T * R)
         return torch.matmul(pa, b).float().view(B, G, Hg, L, d)
-    v = gather_plain(kv.v[0], blocks, block_size)
+    v = rebuild(kv.v, blocks, block_size) if dense else gather_plain(kv.v[0], blocks, block_size)
     d = v.shape[-1]
     pg = p.transpose(0, 1).reshape(G, B, Hg * L, T).to(v.dtype)
     return torch.matmul(pg, v).float().view(G, B, Hg, L, d).transpose(0, 1)
