@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import TINY_TEXT
 
-from tpa_model import ContiguousKVCache, load_model, reduce_rank
+from tpa_model import ContiguousKVCache, load_model, reduce_rank, save_model
 from tpa_model.convert import energy_rank, head_covariance
 
 
@@ -79,3 +79,30 @@ def test_cache_bytes_per_token_match_the_layout(k_rank, v_rank, dtype):
     for layer in cache.kv.layers:
         assert layer.nbytes == 3 * 50 * (numbers(k_rank) + numbers(v_rank)) * dtype.itemsize
     assert numbers(G) < G * (G + d)  # exact layers are stored plain: factors would cost more
+
+
+@torch.no_grad()
+def test_contextual_head_factors_start_at_the_conversion_and_survive_a_checkpoint(hf_causal, token_ids, tmp_path):
+    """T6's form: head factors U + W_a x with W_a = 0 change nothing; trained, they reach the cache and the
+    engine decodes them like generate(); a checkpoint keeps them."""
+    from tpa_model.convert import make_heads_contextual
+    from tpa_model.generation import generate
+
+    path, _ = hf_causal
+    model = load_model(path, k_rank=2, v_rank=1)
+    before = model(token_ids)
+    make_heads_contextual(model)
+    assert (model(token_ids) - before).abs().max().item() == 0
+    gen = torch.Generator().manual_seed(0)
+    for layer in model.layers:
+        for proj in (layer.attn.k, layer.attn.v):
+            proj.head_proj.weight.copy_(torch.randn(proj.head_proj.weight.shape, generator=gen) * 0.05)
+    after = model(token_ids)
+    assert (after - before).abs().max().item() > 1e-3
+    save_model(model, tmp_path)
+    reloaded = load_model(tmp_path)
+    assert reloaded.config.tpa.contextual_heads and (reloaded(token_ids) - after).abs().max().item() == 0
+    prompt = token_ids[0, :12].tolist()
+    full = reloaded(torch.tensor([prompt + generate(reloaded, [prompt], 8)[0][:-1]]))
+    steps = generate(reloaded, [prompt], 8)[0]
+    assert steps == full[0, len(prompt) - 1 :].argmax(-1).tolist()

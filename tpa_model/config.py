@@ -34,6 +34,7 @@ class TPAConfig:
     v_rank: int | None = None
     q_rank: int | None = None
     layer_ranks: list[list[int]] | None = None  # [k_rank, v_rank] of every layer; overrides k_rank and v_rank
+    contextual_heads: bool = False  # key/value head factors have a learned token-dependent part (T6's form)
 
 
 @dataclass
@@ -127,13 +128,15 @@ class TextConfig:
         return self.layer_types[layer] == SLIDING
 
     def with_ranks(self, k_rank: int | None, v_rank: int | None, q_rank: int | None = None) -> TextConfig:
-        return dataclasses.replace(self, tpa=TPAConfig(k_rank=k_rank, v_rank=v_rank, q_rank=q_rank))
+        tpa = TPAConfig(k_rank=k_rank, v_rank=v_rank, q_rank=q_rank, contextual_heads=self.tpa.contextual_heads)
+        return dataclasses.replace(self, tpa=tpa)
 
     def with_layer_ranks(self, ranks: list[tuple[int, int]], q_rank: int | None = None) -> TextConfig:
         """Ranks per layer; equal ranks everywhere are stored as one pair."""
         if len(set(ranks)) == 1:
             return self.with_ranks(*ranks[0], q_rank)
-        return dataclasses.replace(self, tpa=TPAConfig(q_rank=q_rank, layer_ranks=[list(r) for r in ranks]))
+        tpa = TPAConfig(q_rank=q_rank, layer_ranks=[list(r) for r in ranks], contextual_heads=self.tpa.contextual_heads)
+        return dataclasses.replace(self, tpa=tpa)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -227,6 +227,16 @@ def reduce_rank(
     return report
 
 
+def make_heads_contextual(model: GemmaTPAModel) -> None:
+    """Give every layer's key and value head factors a learned token-dependent part (T6's form), at zero:
+    the model is unchanged until healing trains it."""
+    for layer in model.layers:
+        for proj in (layer.attn.k, layer.attn.v):
+            if proj.head_proj is None:
+                proj.make_contextual()
+    model.config.tpa.contextual_heads = True
+
+
 def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> float:
     """Mean over tokens of KL(softmax(p) || softmax(q)), in nats."""
     logp = F.log_softmax(logits_p.reshape(-1, logits_p.shape[-1]).double(), -1)

@@ -26,30 +26,53 @@ if TYPE_CHECKING:
 
 
 class FactorProjection(nn.Module):
-    """x -> (head factors [..., R, n_heads], token factors [..., R, d])."""
+    """x -> (head factors [..., R, n_heads], token factors [..., R, d]).
 
-    def __init__(self, hidden: int, n_heads: int, head_dim: int, rank: int, norm: bool, eps: float):
+    The head factors are the basis U (one matrix for all tokens), or with `contextual` T6's form: U plus a
+    linear function of the token, head_proj(x), which starts at zero so that a converted model begins where
+    conversion left it and healing can make the head factors depend on the token. The cache stores head
+    factors per token either way, so contextual ones cost no memory.
+    """
+
+    def __init__(self, hidden: int, n_heads: int, head_dim: int, rank: int, norm: bool, eps: float,
+                 contextual: bool = False):
         super().__init__()
         self.n_heads, self.head_dim, self.rank, self.eps = n_heads, head_dim, rank, eps
         self.token_proj = nn.Linear(hidden, rank * head_dim, bias=False)
         self.head_basis = nn.Parameter(torch.eye(n_heads, rank))  # U: [n_heads, R]
         self.norm_weight = nn.Parameter(torch.zeros(head_dim)) if norm else None
+        self.head_proj = None
+        if contextual:
+            self.make_contextual()
+
+    def make_contextual(self) -> None:
+        """Add the learned, token-dependent part of the head factors, at zero (nothing changes yet)."""
+        weight = self.token_proj.weight
+        self.head_proj = nn.Linear(weight.shape[1], self.rank * self.n_heads, bias=False,
+                                   device=weight.device, dtype=weight.dtype)
+        nn.init.zeros_(self.head_proj.weight)
+
+    def head_factors(self, x: torch.Tensor, batch_shape) -> torch.Tensor:
+        """[..., R, n_heads] before the norm: U^T, plus head_proj(x) when contextual."""
+        basis = self.head_basis.t()
+        if self.head_proj is None:
+            return basis.expand(*batch_shape, self.rank, self.n_heads)
+        return basis + self.head_proj(x).unflatten(-1, (self.rank, self.n_heads))
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.token_proj(x).unflatten(-1, (self.rank, self.head_dim))  # pre-norm token factors
-        U = self.head_basis
+        A = self.head_factors(x, c.shape[:-2])
         if self.norm_weight is None:
-            head = U.t().to(c.dtype).expand(*c.shape[:-2], self.rank, self.n_heads)
-            token = c
+            head, token = A.to(c.dtype), c
         else:
-            # mean square of head g's pre-norm vector sum_r U[g, r] c_r, from the R x R Gram matrix of c
-            cf = c.float()
+            # mean square of head g's pre-norm vector sum_r A[r, g] c_r, from the R x R Gram matrix of c
+            cf, Af = c.float(), A.float()
             gram = cf @ cf.transpose(-1, -2)
-            mean_sq = torch.einsum("gr,...rs,gs->...g", U.float(), gram, U.float()) / self.head_dim
+            mean_sq = torch.einsum("...rg,...rs,...sg->...g", Af, gram, Af) / self.head_dim
             inv_rms = torch.rsqrt(mean_sq + self.eps)  # [..., n_heads]
-            head = (U.t().float() * inv_rms.unsqueeze(-2)).to(c.dtype)
+            head = (Af * inv_rms.unsqueeze(-2)).to(c.dtype)
             token = (cf * (1.0 + self.norm_weight.float())).to(c.dtype)
         if rope is not None:
             token = apply_rope(token, *rope)
@@ -66,7 +89,10 @@ class FactorProjection(nn.Module):
         return (combine(head, token),)
 
     def head_weights(self) -> torch.Tensor:
-        """The per-head projection these factors represent, [n_heads, d, hidden] (norm excluded)."""
+        """The per-head projection these factors represent, [n_heads, d, hidden] (norm excluded; contextual
+        head factors have none, so conversion happens before they are added)."""
+        if self.head_proj is not None:
+            raise ValueError("contextual head factors depend on the token: there is no fixed per-head projection")
         W_b = self.token_proj.weight.unflatten(0, (self.rank, self.head_dim))
         return torch.einsum("gr,rdh->gdh", self.head_basis.to(W_b.dtype), W_b)
 
@@ -92,8 +118,9 @@ class TPAttention(nn.Module):
         else:
             self.q = FactorProjection(D, H, d, c.tpa.q_rank, norm=qk_norm, eps=eps)
         k_rank, v_rank = c.layer_ranks(layer)
-        self.k = FactorProjection(D, G, d, k_rank, norm=qk_norm, eps=eps)
-        self.v = FactorProjection(D, G, d, v_rank, norm=False, eps=eps)
+        contextual = c.tpa.contextual_heads
+        self.k = FactorProjection(D, G, d, k_rank, norm=qk_norm, eps=eps, contextual=contextual)
+        self.v = FactorProjection(D, G, d, v_rank, norm=False, eps=eps, contextual=contextual)
         self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=False)
 
     def queries(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
