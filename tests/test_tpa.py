@@ -106,3 +106,33 @@ def test_contextual_head_factors_start_at_the_conversion_and_survive_a_checkpoin
     full = reloaded(torch.tensor([prompt + generate(reloaded, [prompt], 8)[0][:-1]]))
     steps = generate(reloaded, [prompt], 8)[0]
     assert steps == full[0, len(prompt) - 1 :].argmax(-1).tolist()
+
+
+@torch.no_grad()
+def test_per_token_svd_factors_are_the_best_fit_of_each_token(hf_causal, token_ids, tmp_path):
+    """Each token's cached keys are the rank-R truncation of its own G x d matrix: never further from the
+    exact keys than a head basis shared by all tokens; checkpoints and the engine path keep it."""
+    from tpa_model.convert import to_per_token_svd
+    from tpa_model.generation import generate
+    from tpa_model.tpa import combine
+
+    path, _ = hf_causal
+    x = torch.randn(40, TINY_TEXT["hidden_size"], generator=torch.Generator().manual_seed(0))
+    exact = load_model(path).layers[2].attn.k
+    keys = combine(*exact(x))
+    svd_model, basis_model = load_model(path), load_model(path, k_rank=2, v_rank=2)
+    to_per_token_svd(svd_model, 2, 2)
+    svd_keys = combine(*svd_model.layers[2].attn.k(x))
+    basis_keys = combine(*basis_model.layers[2].attn.k(x))
+    assert (svd_keys - keys).norm() <= (basis_keys - keys).norm() + 1e-6
+    best = torch.linalg.svd(keys)
+    truncation = best.U[..., :2] @ torch.diag_embed(best.S[..., :2]) @ best.Vh[..., :2, :]
+    assert (svd_keys - truncation).abs().max().item() < 1e-4
+    assert svd_model.config.tpa.factorization == "svd" and svd_model.config.k_rank == 2
+    save_model(svd_model, tmp_path)
+    reloaded = load_model(tmp_path)
+    assert (reloaded(token_ids) - svd_model(token_ids)).abs().max().item() < 1e-5
+    prompt = token_ids[0, :12].tolist()
+    steps = generate(reloaded, [prompt], 8)[0]
+    full = reloaded(torch.tensor([prompt + steps[:-1]]))
+    assert steps == full[0, len(prompt) - 1 :].argmax(-1).tolist()

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError
-from .convert import DEFAULT_ENERGY, reduce_rank
+from .convert import DEFAULT_ENERGY, kl_divergence, reduce_rank, to_per_token_svd
 from .hf_tokenizer import load_tokenizer
 from .loader import load_model, save_model
 from .models import resolve_model
@@ -58,6 +58,19 @@ def budget_ranks(model, calibration_ids, args) -> tuple[list[int], list[int]]:
     return [k for k, _ in ranks], [v for _, v in ranks]
 
 
+@torch.no_grad()
+def svd_convert(model, k_rank, v_rank, calibration_ids) -> None:
+    """Per-token SVD factors at the given ranks, and their KL on the calibration text when there is some."""
+    G = model.config.num_key_value_heads
+    if k_rank == "auto" or v_rank == "auto":
+        raise ValueError("--factorization svd takes explicit ranks (or --cache-budget), not auto")
+    reference = model(calibration_ids) if calibration_ids is not None else None
+    to_per_token_svd(model, G if k_rank is None else k_rank, G if v_rank is None else v_rank)
+    if reference is not None:
+        print(f"next-token KL(original || converted): {kl_divergence(reference, model(calibration_ids)):.6f} "
+              "nats/token (per-token SVD factors)")
+
+
 def convert_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="tpa-convert",
@@ -80,6 +93,9 @@ def convert_main(argv: list[str] | None = None) -> int:
                              "needs --calibration")
     parser.add_argument("--sliding-budget", type=float, default=1.0,
                         help="the same for sliding-window layers (default 1.0: exact)")
+    parser.add_argument("--factorization", choices=["basis", "svd"], default="basis",
+                        help="basis: one head basis per layer (default); svd: each token's keys and values "
+                             "factored by their own SVD when cached (weights stay exact)")
     args = parser.parse_args(argv)
     try:
         t0 = time.perf_counter()
@@ -94,8 +110,12 @@ def convert_main(argv: list[str] | None = None) -> int:
         k_rank, v_rank = args.k_rank, args.v_rank
         if args.cache_budget is not None:
             k_rank, v_rank = budget_ranks(model, calibration_ids, args)
-        report = reduce_rank(model, k_rank, v_rank, args.q_rank, calibration_ids=calibration_ids, energy=args.energy)
-        print(report.format())
+        if args.factorization == "svd":
+            svd_convert(model, k_rank, v_rank, calibration_ids)
+        else:
+            report = reduce_rank(model, k_rank, v_rank, args.q_rank, calibration_ids=calibration_ids,
+                                 energy=args.energy)
+            print(report.format())
         if args.cache_budget is not None:
             print(f"cache per token: {cache_fraction(model.config):.3f} of a standard cache over all layers")
         save_model(model, args.out, tokenizer=load_tokenizer(source), tokenizer_dir=source)

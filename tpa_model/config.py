@@ -35,6 +35,7 @@ class TPAConfig:
     q_rank: int | None = None
     layer_ranks: list[list[int]] | None = None  # [k_rank, v_rank] of every layer; overrides k_rank and v_rank
     contextual_heads: bool = False  # key/value head factors have a learned token-dependent part (T6's form)
+    factorization: str = "basis"  # "basis": a head basis per layer; "svd": each token's keys factored on write
 
 
 @dataclass
@@ -91,6 +92,8 @@ class TextConfig:
         ):
             if rank is not None and not 1 <= rank <= limit:
                 raise ConfigError(f"{name} must be between 1 and {limit} (the number of heads), got {rank}")
+        if self.tpa.factorization not in ("basis", "svd"):
+            raise ConfigError(f"tpa.factorization must be 'basis' or 'svd', got {self.tpa.factorization!r}")
         ranks = self.tpa.layer_ranks
         if ranks is not None:
             if len(ranks) != self.num_hidden_layers or any(len(r) != 2 for r in ranks):
@@ -128,14 +131,16 @@ class TextConfig:
         return self.layer_types[layer] == SLIDING
 
     def with_ranks(self, k_rank: int | None, v_rank: int | None, q_rank: int | None = None) -> TextConfig:
-        tpa = TPAConfig(k_rank=k_rank, v_rank=v_rank, q_rank=q_rank, contextual_heads=self.tpa.contextual_heads)
+        tpa = TPAConfig(k_rank=k_rank, v_rank=v_rank, q_rank=q_rank, contextual_heads=self.tpa.contextual_heads,
+                        factorization=self.tpa.factorization)
         return dataclasses.replace(self, tpa=tpa)
 
     def with_layer_ranks(self, ranks: list[tuple[int, int]], q_rank: int | None = None) -> TextConfig:
         """Ranks per layer; equal ranks everywhere are stored as one pair."""
         if len(set(ranks)) == 1:
             return self.with_ranks(*ranks[0], q_rank)
-        tpa = TPAConfig(q_rank=q_rank, layer_ranks=[list(r) for r in ranks], contextual_heads=self.tpa.contextual_heads)
+        tpa = TPAConfig(q_rank=q_rank, layer_ranks=[list(r) for r in ranks], contextual_heads=self.tpa.contextual_heads,
+                        factorization=self.tpa.factorization)
         return dataclasses.replace(self, tpa=tpa)
 
     def to_dict(self) -> dict[str, Any]:

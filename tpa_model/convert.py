@@ -227,6 +227,22 @@ def reduce_rank(
     return report
 
 
+def to_per_token_svd(model: GemmaTPAModel, k_rank: int | list[int], v_rank: int | list[int]) -> None:
+    """Cache each token's keys and values as the best rank-R fit of its own G x d matrix (an SVD when the
+    token is written), instead of projecting on one head basis per layer. The weights stay exact."""
+    cfg = model.config
+    L, G = cfg.num_hidden_layers, cfg.num_key_value_heads
+    ks = k_rank if isinstance(k_rank, list) else [k_rank] * L
+    vs = v_rank if isinstance(v_rank, list) else [v_rank] * L
+    if any(proj.rank < G for layer in model.layers for proj in (layer.attn.k, layer.attn.v)):
+        raise ValueError("per-token SVD factors an exact checkpoint (full rank everywhere)")
+    for layer, k, v in zip(model.layers, ks, vs):
+        layer.attn.k.svd_rank = k if k < G else None
+        layer.attn.v.svd_rank = v if v < G else None
+    model.config = cfg.with_layer_ranks(list(zip(ks, vs)), cfg.tpa.q_rank)
+    model.config.tpa.factorization = "svd"
+
+
 def make_heads_contextual(model: GemmaTPAModel) -> None:
     """Give every layer's key and value head factors a learned token-dependent part (T6's form), at zero:
     the model is unchanged until healing trains it."""

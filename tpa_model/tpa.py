@@ -42,8 +42,14 @@ class FactorProjection(nn.Module):
         self.head_basis = nn.Parameter(torch.eye(n_heads, rank))  # U: [n_heads, R]
         self.norm_weight = nn.Parameter(torch.zeros(head_dim)) if norm else None
         self.head_proj = None
+        self.svd_rank: int | None = None  # per-token SVD: cache the best rank-R fit of each token's G x d keys
         if contextual:
             self.make_contextual()
+
+    @property
+    def cache_rank(self) -> int:
+        """The rank of what the cache stores."""
+        return self.svd_rank or self.rank
 
     def make_contextual(self) -> None:
         """Add the learned, token-dependent part of the head factors, at zero (nothing changes yet)."""
@@ -74,6 +80,8 @@ class FactorProjection(nn.Module):
             inv_rms = torch.rsqrt(mean_sq + self.eps)  # [..., n_heads]
             head = (Af * inv_rms.unsqueeze(-2)).to(c.dtype)
             token = (cf * (1.0 + self.norm_weight.float())).to(c.dtype)
+        if self.svd_rank is not None:
+            head, token = per_token_svd(head, token, self.svd_rank)
         if rope is not None:
             token = apply_rope(token, *rope)
         return head, token
@@ -84,7 +92,7 @@ class FactorProjection(nn.Module):
         """What the cache stores for these tokens: the factors below full rank, else the plain per-head
         vectors [..., n_heads, d] (at R = n_heads factors cost more than the vectors they describe)."""
         head, token = self(x, rope)
-        if self.rank < self.n_heads:
+        if self.cache_rank < self.n_heads:
             return head, token
         return (combine(head, token),)
 
@@ -95,6 +103,17 @@ class FactorProjection(nn.Module):
             raise ValueError("contextual head factors depend on the token: there is no fixed per-head projection")
         W_b = self.token_proj.weight.unflatten(0, (self.rank, self.head_dim))
         return torch.einsum("gr,rdh->gdh", self.head_basis.to(W_b.dtype), W_b)
+
+
+def per_token_svd(head: torch.Tensor, token: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best rank-R factors of each token's own G x d key matrix (Eckart-Young): head factors are its
+    left singular vectors, token factors the right ones times the singular values. RoPE, applied afterwards,
+    rotates along d only, so the factored product stays exact for the truncated keys."""
+    keys = combine(head, token).float()  # [..., G, d]
+    U, S, Vh = torch.linalg.svd(keys, full_matrices=False)
+    new_head = U[..., :, :rank].transpose(-1, -2)
+    new_token = S[..., :rank, None] * Vh[..., :rank, :]
+    return new_head.to(token.dtype), new_token.to(token.dtype)
 
 
 def combine(head: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
@@ -118,9 +137,12 @@ class TPAttention(nn.Module):
         else:
             self.q = FactorProjection(D, H, d, c.tpa.q_rank, norm=qk_norm, eps=eps)
         k_rank, v_rank = c.layer_ranks(layer)
-        contextual = c.tpa.contextual_heads
-        self.k = FactorProjection(D, G, d, k_rank, norm=qk_norm, eps=eps, contextual=contextual)
-        self.v = FactorProjection(D, G, d, v_rank, norm=False, eps=eps, contextual=contextual)
+        contextual, svd = c.tpa.contextual_heads, c.tpa.factorization == "svd"
+        self.k = FactorProjection(D, G, d, G if svd else k_rank, norm=qk_norm, eps=eps, contextual=contextual)
+        self.v = FactorProjection(D, G, d, G if svd else v_rank, norm=False, eps=eps, contextual=contextual)
+        if svd:  # the weights stay exact; each token's keys and values are factored when cached
+            self.k.svd_rank = k_rank if k_rank < G else None
+            self.v.svd_rank = v_rank if v_rank < G else None
         self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=False)
 
     def queries(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
