@@ -121,11 +121,25 @@ class ReferenceStep:
                                         cache_position=torch.tensor([pos]), use_cache=True))
 
 
+def bench_model(path: Path, rank: str):
+    """'exact', 'R' (a head basis of rank R) or 'svdR' (per-token SVD factors of rank R)."""
+    from tpa_model.convert import to_per_token_svd
+
+    if rank == "exact":
+        return load_model(path)
+    if rank.startswith("svd"):
+        model = load_model(path)
+        to_per_token_svd(model, int(rank[3:]), int(rank[3:]))
+        return model
+    return load_model(path, k_rank=int(rank), v_rank=int(rank))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 8192, 16384, 32768])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
-    parser.add_argument("--ranks", nargs="+", default=["exact", "2", "1"])
+    parser.add_argument("--ranks", nargs="+", default=["exact", "2", "1"],
+                        help="exact, R (head basis of rank R) or svdR (per-token SVD factors of rank R)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-cells-tokens", type=int, default=64 * 8192,
                         help="skip cells whose batch x context exceeds this (memory)")
@@ -133,7 +147,7 @@ def main() -> None:
     args = parser.parse_args()
 
     path = bench_model_dir()
-    ours = {r: load_model(path, **({} if r == "exact" else {"k_rank": int(r), "v_rank": int(r)})) for r in args.ranks}
+    ours = {r: bench_model(path, r) for r in args.ranks}
     reference = reference_model(path)
     rows = []
     print(f"model {path} (float32, {torch.get_num_threads()} thread(s)); step time in ms, median of {args.rounds}")
