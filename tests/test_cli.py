@@ -126,3 +126,23 @@ def test_image_on_text_only_model_is_refused(hf_dir, tmp_path, capsys):
     Image.new("RGB", (20, 20)).save(image)
     assert generate_main(["--model", str(hf_dir), "--prompt", "hi", "--image", str(image)]) == 1
     assert "no vision tower" in capsys.readouterr().err
+
+
+def test_converted_checkpoint_records_how_it_was_made_and_its_quality(tmp_path, monkeypatch, caplog):
+    """tpa-convert --evaluate stores the method and the harness's figures; the engine logs them at start."""
+    import json
+    import logging
+
+    from server.engine.llm import LLM
+
+    monkeypatch.setenv("GEMMA_TPA_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "rank1"
+    assert convert_main(["--model", "demo", "--out", str(out), "--k-rank", "1", "--v-rank", "1", "--evaluate",
+                         "--eval-tokens", "128", "--device", "cpu"]) == 0
+    provenance = json.loads((out / "config.json").read_text())["provenance"]
+    assert provenance["conversion"]["method"] == "head basis per layer, weight-space"
+    assert provenance["quality"]["kl"] > 0 and provenance["quality"]["eval_tokens"] > 0
+    with caplog.at_level(logging.INFO, logger="gemma_tpa.engine"):
+        LLM(out)
+    assert any("quality: conversion: head basis per layer" in r.message and "perplexity" in r.message
+               for r in caplog.records)

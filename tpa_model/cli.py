@@ -14,6 +14,7 @@ from .convert import DEFAULT_ENERGY, kl_divergence, reduce_rank, to_per_token_sv
 from .hf_tokenizer import load_tokenizer
 from .loader import load_model, save_model
 from .models import resolve_model
+from .provenance import quality_fields, record
 from .rank_allocation import cache_fraction, choose_layer_ranks
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -58,6 +59,17 @@ def budget_ranks(model, calibration_ids, args) -> tuple[list[int], list[int]]:
     return [k for k, _ in ranks], [v for _, v in ranks]
 
 
+def evaluate_into(model, source: Path, args) -> None:
+    """Run the quality harness against the original (exact) model and record its figures in the model."""
+    from .quality import evaluate
+
+    original = load_model(source, dtype=model.dtype, device=args.device)
+    report = evaluate(original, model, load_tokenizer(source), eval_tokens=args.eval_tokens, chat_prompts=8,
+                      passkey_lengths=(256, 512), passkey_trials=3)
+    print(report.format())
+    record(model, "quality", **quality_fields(report))
+
+
 @torch.no_grad()
 def svd_convert(model, k_rank, v_rank, calibration_ids) -> None:
     """Per-token SVD factors at the given ranks, and their KL on the calibration text when there is some."""
@@ -93,6 +105,10 @@ def convert_main(argv: list[str] | None = None) -> int:
                              "needs --calibration")
     parser.add_argument("--sliding-budget", type=float, default=1.0,
                         help="the same for sliding-window layers (default 1.0: exact)")
+    parser.add_argument("--evaluate", action="store_true",
+                        help="measure the converted model against the original on held-out prose (tpa-eval's "
+                             "harness, CPU-sized) and record the figures in the checkpoint")
+    parser.add_argument("--eval-tokens", type=int, default=2048)
     parser.add_argument("--factorization", choices=["basis", "svd"], default="basis",
                         help="basis: one head basis per layer (default); svd: each token's keys and values "
                              "factored by their own SVD when cached (weights stay exact)")
@@ -110,6 +126,9 @@ def convert_main(argv: list[str] | None = None) -> int:
         k_rank, v_rank = args.k_rank, args.v_rank
         if args.cache_budget is not None:
             k_rank, v_rank = budget_ranks(model, calibration_ids, args)
+        if args.cache_budget is not None:
+            record(model, "budget", global_layers=args.cache_budget, sliding_layers=args.sliding_budget,
+                   calibration_tokens=int(calibration_ids.numel()))
         if args.factorization == "svd":
             svd_convert(model, k_rank, v_rank, calibration_ids)
         else:
@@ -118,6 +137,8 @@ def convert_main(argv: list[str] | None = None) -> int:
             print(report.format())
         if args.cache_budget is not None:
             print(f"cache per token: {cache_fraction(model.config):.3f} of a standard cache over all layers")
+        if args.evaluate:
+            evaluate_into(model, source, args)
         save_model(model, args.out, tokenizer=load_tokenizer(source), tokenizer_dir=source)
     except (CheckpointError, OSError, ValueError) as e:
         print(f"tpa-convert: error: {e}", file=sys.stderr)

@@ -17,6 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .model import GemmaTPAModel
+from .provenance import record
 from .tpa import FactorProjection, TPAttention, combine
 
 DEFAULT_ENERGY = 0.99
@@ -224,6 +225,10 @@ def reduce_rank(
     if logits_before is not None:
         logits_after = model(calibration_ids.to(device)).float()
         report.kl = kl_divergence(logits_before, logits_after)
+    if any(ranks[name] != current for name, _, current in plans):
+        basis = "activation-aware" if use_x else "weight-space"
+        record(model, "conversion", method=f"head basis per layer, {basis}", calibration=report.inputs,
+               kl_calibration=report.kl)
     return report
 
 
@@ -241,6 +246,7 @@ def to_per_token_svd(model: GemmaTPAModel, k_rank: int | list[int], v_rank: int 
         layer.attn.v.svd_rank = v if v < G else None
     model.config = cfg.with_layer_ranks(list(zip(ks, vs)), cfg.tpa.q_rank)
     model.config.tpa.factorization = "svd"
+    record(model, "conversion", method="per-token SVD factors")
 
 
 def make_heads_contextual(model: GemmaTPAModel) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from . import provenance
 from .checkpoint import (
     TPA_MODEL_TYPE,
     CheckpointError,
@@ -99,6 +100,7 @@ def load_model(
         files.close()
     model.eval()
     model.source_path = path
+    model.provenance = dict(raw.get(provenance.KEY) or {}) if is_tpa_checkpoint(raw) else {}
     model.conversion_report = None
     if any(r is not None for r in (k_rank, v_rank, q_rank)):
         try:
@@ -122,6 +124,8 @@ def save_model(
     if model.vision_config is not None:
         config["vision_config"] = model.vision_config.to_dict()
         config["image_token_index"] = model.image_token_id
+    if getattr(model, "provenance", None):
+        config[provenance.KEY] = model.provenance
     source = Path(tokenizer_dir) if tokenizer_dir and Path(tokenizer_dir).is_dir() else None
     save_tpa_checkpoint(model, config, Path(out), source)
     if source is None and tokenizer is not None and hasattr(tokenizer, "save"):

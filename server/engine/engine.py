@@ -11,6 +11,7 @@ import torch
 from tpa_model.metadata import image_spans
 from tpa_model.model import GemmaTPAModel
 from tpa_model.prompts import PromptInputs, build_chat_inputs
+from tpa_model.provenance import summary as quality_summary
 from tpa_model.sampling import SamplingParams, make_generator, sample
 from tpa_model.tokenizer import GemmaTokenizer
 
@@ -81,6 +82,7 @@ class LLMEngine:
             self.managers, cfg.block_size, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len
         )
         log.info("%s", self.capacity.format())
+        log.info("%s", quality_summary(getattr(model, "provenance", None), self.is_exact))
         self.eos_ids = frozenset(tokenizer.stop_token_ids) | frozenset(text.eos_token_id)
         self.never_sampled = self._never_sampled_ids()
         self.requests: dict[str, list[Sequence]] = {}
@@ -91,6 +93,14 @@ class LLMEngine:
     @property
     def capacity(self):
         return self.runner.capacity
+
+    @property
+    def is_exact(self) -> bool:
+        """Full rank everywhere, no learned head factors: the original model's outputs."""
+        c = self.model.config
+        G = c.num_key_value_heads
+        full = all(c.layer_ranks(i) == (G, G) for i in range(c.num_hidden_layers))
+        return full and not c.tpa.contextual_heads and c.tpa.q_rank in (None, c.num_attention_heads)
 
     @property
     def vision_config(self):
