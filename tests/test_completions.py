@@ -318,9 +318,9 @@ def test_disconnect_mid_stream_frees_everything(live, monkeypatch):
     body = {"model": MODEL, "prompt": ["go on", "and on"], "max_tokens": 100, "n": 2, "stream": True,
             "ignore_eos": True}
     with httpx.stream("POST", live.url + "/v1/completions", json=body, timeout=30) as r:
-        for i, _ in enumerate(r.iter_lines()):
-            if i >= 6:
-                break
+        lines = r.iter_lines()  # kept referenced: a collected line iterator closes the connection
+        for _ in range(6):
+            next(lines)
         assert live.engine.stats().num_in_flight == 2  # one engine request per prompt, both still open
     assert live.idle(), "the aborted requests still hold the engine or cache blocks"
     assert live.engine.stats().num_generated_tokens - before < 400
