@@ -5,7 +5,7 @@ import torch
 from conftest import TINY_TEXT
 
 from tpa_model import ContiguousKVCache, load_model, reduce_rank, save_model
-from tpa_model.convert import energy_rank, head_covariance
+from tpa_model.convert import attention_inputs, energy_rank, head_covariance, key_metric, value_metric
 
 
 @torch.no_grad()
@@ -26,6 +26,39 @@ def test_low_rank_error_is_non_increasing(hf_causal, token_ids):
     assert max(max(pair) for pair in errors[-1]) < 1e-5  # full rank is exact
     assert errors[0][0][0] > 1e-2  # rank 1 really is lossy on random weights
     assert kls[-1] < 1e-8 and kls[0] > kls[-1]
+
+
+@torch.no_grad()
+def test_attention_fit_keeps_what_attention_reads(hf_causal, token_ids):
+    """fit="attention" chooses, per layer, the basis with the least key error as the queries weigh it and the
+    least value error as the output projection weighs it: on the same calibration inputs its weighted errors
+    are never above the plain activation-aware basis's, and below it somewhere."""
+    path, _ = hf_causal
+    calibration = token_ids[:1]
+    original = load_model(path)
+    inputs, _ = attention_inputs(original, calibration)
+
+    def weighted_errors(fit: str) -> list[tuple[float, float]]:
+        model = load_model(path)
+        reduce_rank(model, 1, 1, calibration_ids=calibration, fit=fit, progress=False)
+        errors = []
+        for a, b, x in zip(original.layers, model.layers, inputs):
+            M_k, M_v = key_metric(a.attn, x), value_metric(a.attn)
+            dk = (b.attn.k.head_weights() - a.attn.k.head_weights()).double()  # [G, d, D]
+            dv = (b.attn.v.head_weights() - a.attn.v.head_weights()).double()
+            ek = torch.einsum("nh,gdh->ngd", x.double(), dk)
+            ev = torch.einsum("nh,gdh->ngd", x.double(), dv)
+            errors.append((float(torch.einsum("ngd,de,nge->", ek, M_k, ek)),
+                           float(torch.einsum("ngd,de,nge->", ev, M_v, ev))))
+        return errors
+
+    plain, aware = weighted_errors("activations"), weighted_errors("attention")
+    for (k_plain, v_plain), (k_aware, v_aware) in zip(plain, aware):
+        assert k_aware <= k_plain * (1 + 1e-9) and v_aware <= v_plain * (1 + 1e-9)
+    assert sum(k for k, _ in aware) < (1 - 1e-4) * sum(k for k, _ in plain)
+    assert sum(v for _, v in aware) < (1 - 1e-4) * sum(v for _, v in plain)
+    with pytest.raises(ValueError, match="calibration"):
+        reduce_rank(load_model(path), 1, 1, fit="attention", progress=False)
 
 
 @torch.no_grad()

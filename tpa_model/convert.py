@@ -21,6 +21,7 @@ from .provenance import record
 from .tpa import FactorProjection, TPAttention, combine
 
 DEFAULT_ENERGY = 0.99
+FITS = ("activations", "attention")
 RankSpec = int | str | list[int] | None  # an int, one per layer, "auto" (energy threshold), or None (as is)
 
 
@@ -62,13 +63,36 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-def head_covariance(W: torch.Tensor, X: torch.Tensor | None = None) -> torch.Tensor:
-    """C[g, g'] = tr(W_g S W_g'^T) for W [G, d, D]; S = I without inputs, else X^T X / N for X [N, D]."""
+def head_covariance(W: torch.Tensor, X: torch.Tensor | None = None, M: torch.Tensor | None = None) -> torch.Tensor:
+    """C[g, g'] = tr(W_g S W_g'^T M) for W [G, d, D]; S = I without inputs, else X^T X / N for X [N, D]; M [d, d]
+    weighs the head_dim directions by what reads them (identity when None)."""
     W = W.double()
     if X is None:
         return torch.einsum("gdh,kdh->gk", W, W)
     Y = torch.einsum("nh,gdh->ngd", X.double(), W)
-    return torch.einsum("ngd,nkd->gk", Y, Y) / X.shape[0]
+    if M is None:
+        return torch.einsum("ngd,nkd->gk", Y, Y) / X.shape[0]
+    return torch.einsum("ngd,de,nke->gk", Y, M.double(), Y) / X.shape[0]
+
+
+def key_metric(attn: TPAttention, x: torch.Tensor) -> torch.Tensor:
+    """E[q q^T] [d, d] over the tokens and query heads, for keys before their norm: an error dk in a key moves a
+    score by q . dk, so the basis should keep the key directions the queries actually read ("the keys as the
+    queries see them"). Before RoPE: RoPE turns q and k by the same angles at equal positions. A k-norm's
+    weight scales each direction of the stored key, so it is folded in."""
+    q = attn.queries(x, rope=None).reshape(-1, attn.head_dim).double()
+    M = q.t() @ q / q.shape[0]
+    if attn.k.norm_weight is not None:
+        s = 1.0 + attn.k.norm_weight.double()
+        M = s[:, None] * M * s[None, :]
+    return M
+
+
+def value_metric(attn: TPAttention) -> torch.Tensor:
+    """sum_h W_o,h^T W_o,h / H [d, d]: an error dv in a value reaches the layer's output through o_proj, so the
+    basis should keep the value directions the output projection does not discard."""
+    Wo = attn.o_proj.weight.double().unflatten(1, (attn.n_heads, attn.head_dim))  # [D, H, d]
+    return torch.einsum("xhd,xhe->de", Wo, Wo) / attn.n_heads
 
 
 def spectrum(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,12 +197,19 @@ def reduce_rank(
     energy: float = DEFAULT_ENERGY,
     num_eval_tokens: int = 256,
     progress: bool = True,
+    fit: str = "activations",
 ) -> ConversionReport:
     """Convert the model in place to the requested ranks and report the error it costs.
 
     Without calibration tokens the basis is weight-space (S = I) and errors are measured on isotropic
-    Gaussian inputs (the inputs S = I assumes); with them, both use the real attention inputs.
+    Gaussian inputs (the inputs S = I assumes); with them, both use the real attention inputs. fit="attention"
+    (calibration needed) also weighs each key direction by the queries (`key_metric`) and each value direction
+    by the output projection (`value_metric`), so the basis keeps what attention reads rather than what is large.
     """
+    if fit not in FITS:
+        raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
+    if fit == "attention" and calibration_ids is None:
+        raise ValueError("an attention-aware fit measures the queries on text: give calibration tokens")
     cfg = model.config
     device = model.device
     if calibration_ids is not None:
@@ -202,8 +233,13 @@ def reduce_rank(
              ("v", v_rank, [cfg.layer_ranks(i)[1] for i in layers])]
     if q_rank is not None:
         plans.append(("q", q_rank, [cfg.tpa.q_rank or cfg.num_attention_heads] * cfg.num_hidden_layers))
+    metrics = {name: [None] * len(attns) for name, _, _ in plans}
+    if fit == "attention":
+        metrics["k"] = [key_metric(a, x.to(a.o_proj.weight.dtype)) for a, x in zip(attns, inputs)]
+        metrics["v"] = [value_metric(a) for a in attns]
     covs = {
-        name: [head_covariance(getattr(a, name).head_weights(), x if use_x else None) for a, x in zip(attns, inputs)]
+        name: [head_covariance(getattr(a, name).head_weights(), x if use_x else None, m)
+               for a, x, m in zip(attns, inputs, metrics[name])]
         for name, _, _ in plans
     }
     ranks = {name: _resolve(spec, covs[name], energy, current) for name, spec, current in plans}
@@ -226,7 +262,7 @@ def reduce_rank(
         logits_after = model(calibration_ids.to(device)).float()
         report.kl = kl_divergence(logits_before, logits_after)
     if any(ranks[name] != current for name, _, current in plans):
-        basis = "activation-aware" if use_x else "weight-space"
+        basis = {"activations": "activation-aware", "attention": "attention-aware"}[fit] if use_x else "weight-space"
         record(model, "conversion", method=f"head basis per layer, {basis}", calibration=report.inputs,
                kl_calibration=report.kl)
     return report

@@ -145,11 +145,13 @@ class TPAttention(nn.Module):
             self.v.svd_rank = v_rank if v_rank < G else None
         self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=False)
 
-    def queries(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """[N, H, d]: queries are not cached, so they are materialized even when factored."""
+    def queries(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """[N, H, d]: queries are not cached, so they are materialized even when factored. Without rope:
+        before RoPE (conversion measures them so)."""
         if self.q is None:
             q = self.q_proj(x).unflatten(-1, (self.n_heads, self.head_dim))
-            return apply_rope(q if self.q_norm is None else self.q_norm(q), *rope)
+            q = q if self.q_norm is None else self.q_norm(q)
+            return q if rope is None else apply_rope(q, *rope)
         return combine(*self.q(x, rope))
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata):
