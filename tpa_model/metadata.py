@@ -8,7 +8,9 @@ the device once:
     block_tables [B, nb]   the blocks a sequence's queries can see (a sliding window's first block first)
     first_key_pos [B]      the position of the first slot of block_tables[:, 0]
 Per token: positions [N] and limits [N], the last key position a query may attend to: its own position, or
-for an image token the last token of its image (an image sees all of itself, later images never).
+for an image token the last token of its image (an image sees all of itself, later images never); and
+image_mask [N], True where an image's features replace the token. The mask comes from each sequence's own
+image spans, never from token ids, so a stray image token id elsewhere in the batch cannot shift the features.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class AttentionMetadata:
     num_decodes: int  # the first num_decodes sequences have one new token each
     logits_indices: torch.Tensor  # rows of the batch whose logits are wanted
     pools: list[PoolMetadata]
+    image_mask: torch.Tensor | None = None  # [N] bool: the tokens an image's features replace; None: no image
 
     @property
     def num_seqs(self) -> int:
@@ -93,13 +96,17 @@ def build_metadata(
     seq_of_token = np.repeat(np.arange(B), lengths_np)
     positions = starts_np[seq_of_token] + np.arange(query_start[-1]) - query_start[:-1][seq_of_token]
     limits = positions.copy()
+    is_image = np.zeros(len(positions), dtype=np.int64)
     for i, spans in enumerate(images or []):
         for a, b in spans:
             lo = query_start[i] + a - starts_np[i]
             limits[lo : lo + b - a] = b - 1
+            is_image[lo : lo + b - a] = 1
     num_decodes = int(np.argmin(np.append(lengths_np, 0) == 1))  # leading sequences with one token
 
     host = {"positions": positions, "limits": limits, "logits": np.asarray(logits_indices, dtype=np.int64)}
+    if is_image.any():
+        host["image"] = is_image
     pool_hosts = [
         _pool_arrays(pool.window, kv.block_size, tables, starts_np, lengths_np, positions, seq_of_token)
         for pool, tables in zip(kv.pools, block_tables)
@@ -112,8 +119,9 @@ def build_metadata(
                      pool.window, kv.block_size)
         for p, (pool, arrays) in enumerate(zip(kv.pools, pool_hosts))
     ]
+    image_mask = dev["image"].bool() if "image" in dev else None
     return AttentionMetadata(kv, backend, dev["positions"], dev["limits"], query_start.tolist(), num_decodes,
-                             dev["logits"], pools)
+                             dev["logits"], pools, image_mask)
 
 
 def _pool_arrays(window, block_size, tables, starts, lengths, positions, seq_of_token) -> dict[str, np.ndarray]:

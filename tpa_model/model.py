@@ -112,15 +112,21 @@ class GemmaTPAModel(nn.Module):
             raise ValueError("this model has no vision tower; it cannot read images")
         return self.multi_modal_projector(self.vision_tower(pixel_values.to(self.device, self.dtype)))
 
-    def embed_with_images(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings, with each image's projected features in place of its soft tokens, in order."""
+    def embed_with_images(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+                          image_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings, with each image's projected features in place of its soft tokens, in order.
+
+        `image_mask` [N] marks the positions the features fill (the metadata's, from each sequence's own image
+        spans). Without it every image token id counts, which is right only for prompts built here; with it,
+        an image token id outside every image (say, one a sequence sampled) is embedded as an ordinary token
+        and cannot shift another sequence's image."""
         if self.image_token_id is None:
             if pixel_values is not None:
                 raise ValueError("this model has no vision tower; it cannot read images")
             return self.embed(input_ids)
-        is_image = input_ids == self.image_token_id
+        is_image = input_ids == self.image_token_id if image_mask is None else image_mask
         if self.image_token_id >= self.config.vocab_size:  # soft tokens outside the vocabulary
-            input_ids = input_ids.masked_fill(is_image, 0)
+            input_ids = input_ids.masked_fill(input_ids == self.image_token_id, 0)
         x = self.embed(input_ids)
         if pixel_values is None:
             return x
@@ -142,8 +148,15 @@ class GemmaTPAModel(nn.Module):
     ) -> torch.Tensor:
         if metadata is None:
             return self.forward_sequences(input_ids, pixel_values)
-        x = self.decode_layers(self.embed_with_images(input_ids, pixel_values), positions, metadata)
+        embeds = self.embed_with_images(input_ids, pixel_values, self.image_mask(input_ids, metadata))
+        x = self.decode_layers(embeds, positions, metadata)
         return self.logits(x[metadata.logits_indices])
+
+    def image_mask(self, input_ids: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        """Where images go: the metadata's spans; no spans, no image (all False)."""
+        if metadata.image_mask is not None:
+            return metadata.image_mask
+        return torch.zeros_like(input_ids, dtype=torch.bool)
 
     def decode_layers(self, x: torch.Tensor, positions, metadata: AttentionMetadata, start: int = 0) -> torch.Tensor:
         """The decoder layers from `start` on, over hidden states x [N, D] (what layer `start` takes in):
