@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import time
@@ -24,14 +25,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from tpa_model.image_processing import ImageError, load_image
 from tpa_model.prompts import PromptInputs
 from tpa_model.sampling import ParamError, SamplingParams
 from tpa_model.tokenizer import ChatTemplateError, GemmaTokenizer
 
 from .engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestStream
 from .engine.engine import CompletionOutput, RequestOutput
-from .images import fetch_image
+from .images import ImageLimits, ImageLoader
 from .metrics import Metrics
 from .protocol import (
     UNSUPPORTED_COMPLETION_FIELDS,
@@ -59,10 +59,19 @@ class ServerSettings:
     max_model_len: int
     api_key: str | None = None
     allow_remote_images: bool = True
+    allow_private_image_urls: bool = False
     max_image_bytes: int = 20 << 20
-    max_image_pixels: int = 50_000_000
+    max_images_per_request: int = 8
+    max_image_pixels: int = 50_000_000  # decoded pixels of all of a request's images together
     image_fetch_timeout: float = 10.0
+    max_concurrent_image_fetches: int = 32
     drain_timeout: float = 30.0
+
+    def image_limits(self) -> ImageLimits:
+        return ImageLimits(allow_remote=self.allow_remote_images, allow_private=self.allow_private_image_urls,
+                           max_bytes=self.max_image_bytes, max_images=self.max_images_per_request,
+                           max_pixels=self.max_image_pixels, fetch_timeout=self.image_fetch_timeout,
+                           max_fetches=self.max_concurrent_image_fetches)
 
 
 def error_response(err: APIError) -> JSONResponse:
@@ -328,7 +337,7 @@ class OpenAIServingChat(OpenAIServing):
         """Refuse what we cannot honour before the engine sees it, then answer whole or as an SSE stream."""
         arrival = time.monotonic()
         self.check_request(req)
-        inputs = await self.build_prompt(req)
+        inputs = await self.build_prompt(req, request)
         params = self.sampling_params(req, len(inputs.token_ids))
         stream = await self.submit(inputs.token_ids, params, inputs.pixel_values)
         response_id, created_at = new_id(), now()
@@ -349,29 +358,28 @@ class OpenAIServingChat(OpenAIServing):
             raise APIError(400, "only response_format {\"type\": \"text\"} is supported", param="response_format")
         self.check_model(req)
 
-    async def build_prompt(self, req: ChatCompletionRequest) -> PromptInputs:
-        """Token ids and pixels of the chat; the engine expands each image into its soft tokens."""
+    async def build_prompt(self, req: ChatCompletionRequest, request: Request) -> PromptInputs:
+        """Token ids and pixels of the chat; the engine expands each image into its soft tokens. With images,
+        in a worker thread: resizing them must not block the event loop."""
         messages, urls = chat_messages(req)
-        images = await self.load_images(urls) if urls else []
+        images = await self.load_images(urls, request) if urls else []
         try:
+            if images:
+                return await asyncio.to_thread(self.engine.build_inputs, messages, images)
             return self.engine.build_inputs(messages, images)
         except ChatTemplateError as e:
             raise APIError(400, str(e), param="messages") from e
 
-    async def load_images(self, urls: list[str]) -> list[Image.Image]:
+    async def load_images(self, urls: list[str], request: Request) -> list[Image.Image]:
         """Checked against the model first, so a text-only model never downloads anything."""
         if self.engine.vision_config is None:
             raise APIError(400, f"model {self.settings.model_name} does not read images", param="messages")
-        blobs = await asyncio.gather(*(self.fetch_image(u) for u in urls))  # remote URLs: fetch concurrently
-        try:
-            return [load_image(b, max_pixels=self.settings.max_image_pixels) for b in blobs]
-        except ImageError as e:
-            raise APIError(400, str(e), param="messages", code=getattr(e, "code", None)) from e
+        return await self.image_loader.load(urls, request.is_disconnected)
 
-    async def fetch_image(self, url: str) -> bytes:
-        s = self.settings
-        return await fetch_image(url, allow_remote=s.allow_remote_images, max_bytes=s.max_image_bytes,
-                                 timeout=s.image_fetch_timeout)
+    @functools.cached_property
+    def image_loader(self) -> ImageLoader:
+        """One per server: it bounds the remote fetches of all requests together."""
+        return ImageLoader(self.settings.image_limits())
 
     def check_fields(self, req: ChatCompletionRequest) -> None:
         if req.top_logprobs is not None and not req.logprobs:

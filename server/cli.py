@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import signal
 import sys
@@ -111,10 +112,47 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="require this bearer token on /v1/ routes (default: $TPA_API_KEY)")
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: directory name)")
     p.add_argument("--disable-remote-images", action="store_true", help="accept only data: URLs for images")
+    add_image_args(p)
     p.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds running requests get to finish after SIGTERM")
     p.add_argument("--log-level", default="info")
     return p
+
+
+def add_image_args(p: argparse.ArgumentParser) -> None:
+    """What a request's images may cost, and where image URLs may point (server/images.py)."""
+    p.add_argument("--allow-private-image-urls", action="store_true",
+                   help="fetch image URLs that resolve to loopback, private, link-local or metadata addresses")
+    p.add_argument("--max-images-per-request", type=positive(int), default=8)
+    p.add_argument("--max-image-pixels", type=positive(int), default=50_000_000,
+                   help="decoded pixels of all of a request's images together")
+    p.add_argument("--max-image-bytes", type=positive(int), default=20 << 20, help="bytes of one image")
+    p.add_argument("--image-fetch-timeout", type=positive(float), default=10.0,
+                   help="seconds for the whole fetch of one image URL, redirects included")
+    p.add_argument("--max-concurrent-image-fetches", type=positive(int), default=32,
+                   help="image URLs fetched at once, server-wide; more get 503")
+
+
+def positive(kind):
+    """An argparse type: a number of `kind` above zero, else argparse's one-line error and exit status 2."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (value > 0 and math.isfinite(value)):  # also refuses nan and inf
+            raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def check_image_args(args: argparse.Namespace) -> None:
+    """A request with the most images allowed must fit the fetch limit, or it could never be served."""
+    if args.max_concurrent_image_fetches < args.max_images_per_request:
+        raise ValueError(f"--max-concurrent-image-fetches ({args.max_concurrent_image_fetches}) must be at least "
+                         f"--max-images-per-request ({args.max_images_per_request})")
 
 
 def build_server(args: argparse.Namespace):
@@ -122,6 +160,7 @@ def build_server(args: argparse.Namespace):
     from .api import ServerSettings, create_app
     from .engine.async_engine import AsyncEngine
 
+    check_image_args(args)
     path = resolve_model(args.model)
     model = load_model(path, k_rank=args.k_rank, v_rank=args.v_rank, dtype=resolve_dtype(args), device=args.device)
     tokenizer = load_tokenizer(path)
@@ -135,6 +174,11 @@ def build_server(args: argparse.Namespace):
     name = args.served_model_name or served_name(args.model)
     settings = ServerSettings(model_name=name, max_model_len=engine.max_model_len, api_key=args.api_key,
                               allow_remote_images=not args.disable_remote_images,
+                              allow_private_image_urls=args.allow_private_image_urls,
+                              max_images_per_request=args.max_images_per_request,
+                              max_image_pixels=args.max_image_pixels, max_image_bytes=args.max_image_bytes,
+                              image_fetch_timeout=args.image_fetch_timeout,
+                              max_concurrent_image_fetches=args.max_concurrent_image_fetches,
                               drain_timeout=args.graceful_timeout)
     return create_app(async_engine, tokenizer, settings), async_engine
 

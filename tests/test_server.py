@@ -321,44 +321,6 @@ def test_full_queue_is_503_with_retry_after():
         server.stop()
 
 
-@pytest.fixture
-def image_host(tmp_path):
-    """A loopback HTTP server with one PNG, for http(s) image URLs."""
-    import functools
-    import http.server
-
-    buf = io.BytesIO()
-    Image.new("RGBA", (30, 40), (10, 200, 30, 128)).save(buf, format="PNG")
-    (tmp_path / "pic.png").write_bytes(buf.getvalue())
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-
-
-def test_image_from_http_url(client, image_host):
-    def ask(url):
-        return client.chat.completions.create(model=MODEL, max_tokens=3, messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Colour?"}]}])
-
-    assert ask(image_host + "/pic.png").usage.prompt_tokens > 4
-    with pytest.raises(openai.BadRequestError, match="HTTP 404"):
-        ask(image_host + "/missing.png")
-
-
-def test_remote_images_can_be_turned_off(image_host):
-    server = LiveServer(["--cache-memory", "0.02", "--disable-remote-images"])
-    try:
-        c = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
-        with pytest.raises(openai.BadRequestError, match="remote images is turned off"):
-            c.chat.completions.create(model=MODEL, max_tokens=3, messages=[{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": image_host + "/pic.png"}}]}])
-    finally:
-        server.stop()
-
-
 def test_engine_death_mid_stream_is_an_error_event_and_health_503():
     server = LiveServer(["--cache-memory", "0.02"])
     try:
