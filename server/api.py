@@ -14,6 +14,7 @@ import contextlib
 import functools
 import hmac
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from tpa_model.prompts import PromptInputs
 from tpa_model.sampling import ParamError, SamplingParams
 from tpa_model.tokenizer import ChatTemplateError, GemmaTokenizer
 
-from .engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestStream
+from .engine.async_engine import AsyncEngine, EngineDeadError, EngineError, QueueFullError, RequestStream
 from .engine.engine import CompletionOutput, RequestOutput
 from .images import ImageLimits, ImageLoader
 from .metrics import Metrics
@@ -49,6 +50,8 @@ from .protocol import (
     usage,
 )
 
+logger = logging.getLogger("gemma_tpa.api")
+
 MAX_N = 128  # samples per request: more would let one request crowd out every other
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy may buffer the stream
 
@@ -66,6 +69,7 @@ class ServerSettings:
     image_fetch_timeout: float = 10.0
     max_concurrent_image_fetches: int = 32
     drain_timeout: float = 30.0
+    stream_timeout: float = 60.0  # seconds a streaming client may leave a write blocked before it is cut off
 
     def image_limits(self) -> ImageLimits:
         return ImageLimits(allow_remote=self.allow_remote_images, allow_private=self.allow_private_image_urls,
@@ -105,7 +109,8 @@ async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Reque
         async for out in streams[0]:
             yield 0, out
         return
-    queue: asyncio.Queue = asyncio.Queue()
+    # Bounded, so a slow consumer leaves the outputs in their streams, which keep only the newest of each.
+    queue: asyncio.Queue = asyncio.Queue(maxsize=len(streams))
     tasks = [asyncio.ensure_future(forward(i, stream, queue)) for i, stream in enumerate(streams)]
     try:
         remaining = len(streams)
@@ -126,10 +131,10 @@ async def forward(i: int, stream: RequestStream, queue: asyncio.Queue) -> None:
     """The stream's outputs onto the shared queue, then None, or the exception that ended it."""
     try:
         async for out in stream:
-            queue.put_nowait((i, out))
-        queue.put_nowait((i, None))
+            await queue.put((i, out))
+        await queue.put((i, None))
     except Exception as e:
-        queue.put_nowait((i, e))
+        await queue.put((i, e))
 
 
 # -- request -> chat template input ----------------------------------------------------------------------
@@ -191,7 +196,7 @@ class OpenAIServing:
             min_p=req.min_p or 0.0,
             presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,
-            repetition_penalty=req.repetition_penalty or 1.0,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
             seed=req.seed,
             max_tokens=self.max_tokens(req, prompt_len),
             stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
@@ -238,7 +243,7 @@ class OpenAIServing:
         try:
             return await self.engine.submit(prompt_ids, params, pixel_values=pixel_values)
         except QueueFullError as e:
-            raise APIError(503, str(e), type="server_error", code="queue_full", headers={"Retry-After": "1"}) from e
+            raise queue_full(e) from e
         except EngineDeadError as e:
             raise APIError(503, "the engine is not running", type="server_error", code="engine_dead") from e
         except ValueError as e:
@@ -255,6 +260,8 @@ class OpenAIServing:
                     task.cancel()
                     return None
             return task.result()
+        except EngineError as e:
+            raise engine_error(e) from e
         finally:
             for stream in streams:
                 stream.close()
@@ -273,7 +280,7 @@ class OpenAIServing:
                            timers: list[LatencyTimer]) -> StreamingResponse:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         body = self.stream_events(streams, writer, include_usage, timers)
-        return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
+        return SSEResponse(body, self.settings.stream_timeout, media_type="text/event-stream", headers=SSE_HEADERS)
 
     async def stream_events(self, streams: list[RequestStream], writer: SSEWriter, include_usage: bool,
                             timers: list[LatencyTimer]) -> AsyncIterator[str]:
@@ -291,9 +298,8 @@ class OpenAIServing:
             if include_usage and all(out is not None for out in last):
                 yield writer.event([], usage=output_usage(last))
             yield "data: [DONE]\n\n"
-        except EngineDeadError:
-            err = APIError(500, "the engine stopped while generating", type="server_error", code="engine_dead")
-            yield sse(err.body())
+        except EngineError as e:
+            yield sse(engine_error(e).body())
         finally:
             for stream in streams:
                 stream.close()
@@ -464,6 +470,10 @@ class OpenAIServingCompletion(OpenAIServing):
 
     async def submit_all(self, jobs: list[tuple[list[int], SamplingParams]]) -> list[RequestStream]:
         """Every prompt's request, or none: if one is refused, those already accepted are aborted."""
+        try:
+            self.engine.check_room(sum(params.n for _, params in jobs))  # all prompts' samples, not one's
+        except QueueFullError as e:
+            raise queue_full(e) from e
         streams: list[RequestStream] = []
         try:
             for token_ids, params in jobs:
@@ -486,6 +496,40 @@ class OpenAIServingCompletion(OpenAIServing):
         if c.logprobs is not None:
             logprobs = legacy_logprobs(self.tokenizer, c.token_ids, c.logprobs, c.top_logprobs, offset=len(echo))
         return {"index": index, "text": echo + c.text, "logprobs": logprobs, "finish_reason": c.finish_reason}
+
+
+def queue_full(e: QueueFullError) -> APIError:
+    return APIError(503, str(e), type="server_error", code="queue_full", headers={"Retry-After": "1"})
+
+
+def engine_error(e: EngineError) -> APIError:
+    """An engine failure after the request was accepted: the server's fault, a 500 (or an error event)."""
+    if isinstance(e, EngineDeadError):
+        return APIError(500, "the engine stopped while generating", type="server_error", code="engine_dead")
+    return APIError(500, str(e), type="server_error", code="engine_error")
+
+
+class SSEResponse(StreamingResponse):
+    """A streaming response that gives up on a client that stops reading: each write may wait at most
+    `send_timeout` seconds for the client to make room (uvicorn's send blocks while the socket's buffer is
+    full). Past that the request is aborted and the connection closed, instead of buffering its output."""
+
+    def __init__(self, content, send_timeout: float, **kwargs):
+        super().__init__(content, **kwargs)
+        self.send_timeout = send_timeout
+
+    async def stream_response(self, send) -> None:
+        try:
+            await asyncio.wait_for(send({"type": "http.response.start", "status": self.status_code,
+                                         "headers": self.raw_headers}), self.send_timeout)
+            async for chunk in self.body_iterator:
+                body = {"type": "http.response.body", "body": chunk.encode(self.charset), "more_body": True}
+                await asyncio.wait_for(send(body), self.send_timeout)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.TimeoutError:
+            logger.warning("a streaming client read nothing for %.0f s; closing its connection", self.send_timeout)
+        finally:
+            await self.body_iterator.aclose()  # closes its streams, which aborts their requests
 
 
 # -- SSE writers -----------------------------------------------------------------------------------------

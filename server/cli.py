@@ -7,9 +7,12 @@ import contextlib
 import math
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 from tpa_model.checkpoint import CheckpointError
 from tpa_model.cli import add_model_args, resolve_dtype
@@ -33,6 +36,8 @@ def run_engine(engine: LLMEngine, prompt_ids: list[int], pixel_values, args) -> 
     while engine.has_unfinished():
         for out in engine.step():
             final = out
+    if final.error is not None:
+        raise ValueError(f"generation failed: {final.error!r}")
     return final.outputs[0].text, final.outputs[0].token_ids
 
 
@@ -115,8 +120,59 @@ def serve_parser() -> argparse.ArgumentParser:
     add_image_args(p)
     p.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds running requests get to finish after SIGTERM")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--stream-timeout", type=float, default=60.0,
+                   help="seconds a streaming client may read nothing before it is disconnected")
+    p.add_argument("--log-level", default="info", type=str.lower, choices=LOG_LEVELS)
     return p
+
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+# What each number of tpa-serve must satisfy, checked before the model loads: a zero or negative value would
+# otherwise start a server that hangs (no seats, no token budget), refuses everything, or crashes later.
+# Comparisons are written so that NaN fails them.
+SERVE_LIMITS = [
+    ("port", lambda v: 1 <= v <= 65535, "a port number from 1 to 65535"),
+    ("max_num_seqs", lambda v: v >= 1, "at least 1"),
+    ("max_num_batched_tokens", lambda v: v >= 1, "at least 1"),
+    ("max_model_len", lambda v: v >= 2, "at least 2 (one prompt token and one generated token)"),
+    ("cache_memory", lambda v: 0 < v < math.inf, "a positive number of GiB"),
+    ("block_size", lambda v: 1 <= v <= 1024, "from 1 to 1024 tokens"),
+    ("max_waiting", lambda v: v >= 1, "at least 1"),
+    ("graceful_timeout", lambda v: 0 <= v < math.inf, "a finite number of seconds, 0 or more"),
+    ("stream_timeout", lambda v: 0 < v < math.inf, "a positive, finite number of seconds"),
+]
+
+
+def check_serve_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every flag's value, with argparse's one-line error and exit status 2 for the first bad one."""
+    for name, ok, what in SERVE_LIMITS:
+        value = getattr(args, name)
+        if value is not None and not ok(value):
+            parser.error(f"--{name.replace('_', '-')} must be {what}, got {value}")
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        parser.error("--served-model-name must not be empty")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        parser.error(f"--device: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this machine has no CUDA device")
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads, so a port in use is reported in a second rather
+    than after minutes of loading; uvicorn serves on this very socket."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def add_image_args(p: argparse.ArgumentParser) -> None:
@@ -173,6 +229,7 @@ def build_server(args: argparse.Namespace):
     async_engine = AsyncEngine(engine, max_waiting=args.max_waiting)
     name = args.served_model_name or served_name(args.model)
     settings = ServerSettings(model_name=name, max_model_len=engine.max_model_len, api_key=args.api_key,
+                              stream_timeout=args.stream_timeout,
                               allow_remote_images=not args.disable_remote_images,
                               allow_private_image_urls=args.allow_private_image_urls,
                               max_images_per_request=args.max_images_per_request,
@@ -193,28 +250,42 @@ def served_name(model: str | None) -> str:
 
 
 def serve_main(argv: list[str] | None = None) -> int:
+    """Exit status 0 after a clean stop; 1 if the model cannot load or the engine dies (so a supervisor
+    restarts the server); 2 for a bad flag or a port that cannot be bound, before the model loads."""
     import logging
 
     import uvicorn
 
-    args = serve_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = serve_parser()
+    args = parser.parse_args(argv)
+    check_serve_args(parser, args)
     try:
-        app, _ = build_server(args)
+        sock = bind_socket(args.host, args.port)
+    except OSError as e:
+        parser.error(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
+    logging.basicConfig(level=args.log_level.upper().replace("TRACE", "DEBUG"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        app, engine = build_server(args)
     except (CheckpointError, OSError, ValueError) as e:
         print(f"tpa-serve: error: {e}", file=sys.stderr)
         return 1
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.graceful_timeout)
     server = GracefulServer(config)
-    server.run()
+    engine.on_death = server.engine_died
+    server.run(sock)
+    if engine.fatal_error is not None:
+        print(f"tpa-serve: error: the engine died: {engine.fatal_error!r}", file=sys.stderr)
+        return 1
     return 0
 
 
 class GracefulServer:
     """uvicorn, but SIGTERM/SIGINT end in exit status 0: stop accepting, let open requests finish within the
     graceful timeout, then the app's lifespan drains and stops the engine. (uvicorn itself re-raises the
-    signal after shutting down, which makes the process die by it.)"""
+    signal after shutting down, which makes the process die by it.) A second signal exits at once, with
+    status 128 + its number, as a process killed by it would: an operator who signals twice means it."""
 
     def __init__(self, config):
         import uvicorn
@@ -222,10 +293,17 @@ class GracefulServer:
         self.server = uvicorn.Server(config)
         self.server.capture_signals = contextlib.nullcontext  # our handlers below, not uvicorn's re-raise
 
-    def run(self) -> None:
-        def stop(*_):
-            self.server.should_exit = True
+    def engine_died(self) -> None:
+        """The engine thread is gone and its requests have failed: stop serving, so the process exits."""
+        self.server.should_exit = True
 
+    def stop(self, signum: int, _frame=None) -> None:
+        if self.server.should_exit:
+            print(f"tpa-serve: second {signal.Signals(signum).name}: exiting now", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.server.should_exit = True
+
+    def run(self, sock: socket.socket | None = None) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, stop)
-        self.server.run()
+            signal.signal(sig, self.stop)
+        self.server.run(sockets=[sock] if sock is not None else None)

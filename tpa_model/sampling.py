@@ -21,6 +21,10 @@ import torch
 GREEDY_TEMPERATURE = 1e-5  # below this, temperature scaling would overflow; treat as argmax
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 MAX_LOGPROBS = 20  # OpenAI's limit for top_logprobs
+# repetition_penalty divides (or multiplies) logits: outside this range it makes them overflow to inf and NaN
+# (1e-45 did), and no useful setting lies there (1.0-2.0 is the usual range).
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
+MIN_LOGPROB = -9999.0  # what OpenAI reports for a token of probability 0: JSON has no -inf
 
 
 class ParamError(ValueError):
@@ -80,8 +84,9 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             _require(-2 <= value <= 2, name, f"{name} must be between -2 and 2, got {value}")
-        _require(self.repetition_penalty > 0, "repetition_penalty",
-                 f"repetition_penalty must be greater than 0, got {self.repetition_penalty}")
+        _require(MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY, "repetition_penalty",
+                 f"repetition_penalty must be between {MIN_REPETITION_PENALTY} and {MAX_REPETITION_PENALTY}, "
+                 f"got {self.repetition_penalty}")
         if self.seed is not None:
             _require(-(2**63) <= self.seed < 2**63, "seed", f"seed must be a 64-bit signed integer, got {self.seed}")
         if self.max_tokens is not None:
@@ -262,7 +267,9 @@ def sample(
     wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
     if wanted:
         idx = _index(wanted, device)
-        lp = torch.log_softmax(logits[idx], dim=-1)
+        # A masked token's logprob is -inf and JSON has no -inf: report it as OpenAI does, as MIN_LOGPROB.
+        lp = torch.log_softmax(logits[idx], dim=-1).nan_to_num(nan=MIN_LOGPROB, neginf=MIN_LOGPROB)
+        lp = lp.clamp(min=MIN_LOGPROB)
         chosen = lp.gather(1, tokens[idx].unsqueeze(1)).squeeze(1).tolist()
         k = min(max(params[i].logprobs for i in wanted), lp.shape[1])
         top_values, top_ids = lp.topk(k, dim=-1)  # sorted descending

@@ -7,13 +7,20 @@ sleeps on a condition variable when there is none (no busy spin). Each output go
 with `loop.call_soon_threadsafe` into the request's own `asyncio.Queue`.
 
 Errors: `add_request` errors (ValueError, CapacityError, ParamError) are sent back to the one request that
-caused them. An exception from `step()` is fatal: it is kept as `fatal_error`, every open request fails with
-EngineDeadError, and later submissions fail with EngineDeadError at once.
+caused them. A request that a step could not compute (the engine isolates it and goes on) ends its stream
+with RequestFailedError. An exception escaping `step()` is fatal: it is kept as `fatal_error`, every open
+request fails with EngineDeadError, later submissions fail with EngineDeadError at once, and `on_death`
+(if set) is called on the event loop so the server can exit and be restarted.
+
+Memory: a stream holds at most one output its consumer has not taken. A newer output replaces it and
+carries the replaced one's text and token deltas, so a consumer that reads slowly gets fewer, larger deltas,
+and the memory a stream holds is one output's, however far behind its consumer is.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import uuid
@@ -34,7 +41,20 @@ class QueueFullError(RuntimeError):
     """Too many requests are waiting; the server should answer 503 and let the client retry."""
 
 
-class EngineDeadError(RuntimeError):
+class EngineError(RuntimeError):
+    """The engine could not finish a request: the base of what a RequestStream may raise after acceptance."""
+
+
+class RequestFailedError(EngineError):
+    """A step failed this request (and only it); `cause` is the error the engine caught."""
+
+    def __init__(self, message: str, cause: BaseException | None = None):
+        super().__init__(message)
+        self.cause = cause
+        self.__cause__ = cause
+
+
+class EngineDeadError(EngineError):
     """The engine thread is gone (a step failed, or the engine was shut down); `cause` is the step's error."""
 
     def __init__(self, message: str, cause: BaseException | None = None):
@@ -78,6 +98,20 @@ class _Abort:
 _ACCEPTED = object()  # first queue item of a request the engine took
 
 
+def coalesce(older: RequestOutput, newer: RequestOutput) -> RequestOutput:
+    """`newer` carrying the deltas of `older`, which its consumer never took. Everything else in an output is
+    cumulative, so the newer one alone, with the deltas joined, tells the consumer all that the two did."""
+    before = {c.index: c for c in older.outputs}
+    outputs = []
+    for c in newer.outputs:
+        old = before.get(c.index)
+        if old is not None:
+            c = dataclasses.replace(c, delta_text=old.delta_text + c.delta_text,
+                                    delta_token_ids=old.delta_token_ids + c.delta_token_ids)
+        outputs.append(c)
+    return dataclasses.replace(newer, outputs=outputs)
+
+
 class RequestStream:
     """The outputs of one request, in order, ending with a finished output or an exception.
 
@@ -90,7 +124,8 @@ class RequestStream:
         self._owner = owner
         self._prompt_ids = prompt_ids
         self._n = params.n
-        self._queue: asyncio.Queue = asyncio.Queue()
+        self._items: deque = deque()  # at most: _ACCEPTED, one output, and the final output or error
+        self._ready = asyncio.Event()
         self._last: RequestOutput | None = None  # newest output received, to build an abort output from
         self.done = False  # the last item is queued; the engine will send nothing more
         self._exhausted = False  # the consumer has taken the last item
@@ -101,9 +136,19 @@ class RequestStream:
             return  # e.g. an output that crossed an abort; the stream has already ended
         if isinstance(item, RequestOutput):
             self._last = item
+            if self._items and isinstance(self._items[-1], RequestOutput):
+                item = coalesce(self._items.pop(), item)
         if isinstance(item, BaseException) or (isinstance(item, RequestOutput) and item.finished):
             self._end()
-        self._queue.put_nowait(item)
+        self._items.append(item)
+        self._ready.set()
+
+    async def _get(self) -> object:
+        """The oldest item; one consumer at a time."""
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        return self._items.popleft()
 
     def _end(self) -> None:
         self.done = True
@@ -123,12 +168,12 @@ class RequestStream:
 
     async def _accepted(self) -> None:
         """Wait for the engine thread to take the request; raise the error `add_request` raised."""
-        item = await self._queue.get()
+        item = await self._get()
         if isinstance(item, BaseException):
             self._exhausted = True
             raise item
         if item is not _ACCEPTED:  # aborted before the engine saw it: keep the abort output for the consumer
-            self._queue.put_nowait(item)  # nothing else can be queued after a final item
+            self._items.appendleft(item)  # nothing else can be queued after a final item
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -136,7 +181,7 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self._exhausted:
             raise StopAsyncIteration
-        item = await self._queue.get()
+        item = await self._get()
         if isinstance(item, BaseException):
             self._exhausted = True
             raise item
@@ -162,6 +207,7 @@ class AsyncEngine:
         self.engine = engine
         self.max_waiting = max_waiting
         self.fatal_error: BaseException | None = None
+        self.on_death = None  # called on the event loop once the engine thread has died (not on a clean stop)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._cond = threading.Condition()  # guards the fields below
@@ -243,6 +289,19 @@ class AsyncEngine:
 
     # -- requests ---------------------------------------------------------------------------------------
 
+    def check_room(self, num_seqs: int) -> None:
+        """Raise QueueFullError if num_seqs more sequences would take the waiting queue past max_waiting: each
+        of a request's n samples waits as a sequence of its own, so n counts, not the request."""
+        if self.max_waiting is None:
+            return
+        with self._cond:
+            # len() of the scheduler's deque races only with step(), benignly; commands are applied
+            # under this lock, so a request is never counted twice or missed between pending and waiting.
+            waiting = len(self.engine.scheduler.waiting) + self._pending_seqs
+        if waiting + num_seqs > self.max_waiting:
+            raise QueueFullError(f"{waiting} sequences are waiting and this request adds {num_seqs} (limit "
+                                 f"{self.max_waiting}); retry later")
+
     async def submit(
         self,
         prompt_ids: list[int],
@@ -268,12 +327,7 @@ class AsyncEngine:
                 raise EngineDeadError(
                     "the engine died" if self.fatal_error else "the engine has been shut down", self.fatal_error
                 )
-            if self.max_waiting is not None:
-                # len() of the scheduler's deque races only with step(), benignly; commands are applied
-                # under this lock, so a request is never counted twice or missed between pending and waiting.
-                waiting = len(self.engine.scheduler.waiting) + self._pending_seqs
-                if waiting >= self.max_waiting:
-                    raise QueueFullError(f"{waiting} sequences are waiting (limit {self.max_waiting}); retry later")
+            self.check_room(params.n)
             self._commands.append(_Add(stream, prompt_ids, params, pixel_values))
             self._pending_seqs += params.n
             self._cond.notify()
@@ -414,7 +468,7 @@ class AsyncEngine:
                     continue
                 if out.finished:
                     del self._live[out.request_id]
-                self._send(stream, out)
+                self._send(stream, out if out.error is None else request_failed(out))
 
     def _run(self) -> None:
         try:
@@ -432,3 +486,18 @@ class AsyncEngine:
                 self.engine.abort(request_id)
         self._fail([*self._live.values(), *(c.stream for c in pending)], error)
         self._live.clear()
+        if self.fatal_error is not None and self.on_death is not None:
+            self._send_call(self.on_death)
+
+    def _send_call(self, fn) -> None:
+        """Run fn on the event loop, if it still runs."""
+        try:
+            self._loop.call_soon_threadsafe(fn)
+        except RuntimeError:  # the event loop is closed
+            pass
+
+
+def request_failed(out: RequestOutput) -> RequestFailedError:
+    """What a failed request's stream raises; the message names the error's type, not its text (which may
+    hold internals), and the log has the traceback."""
+    return RequestFailedError(f"the engine could not compute this request ({type(out.error).__name__})", out.error)

@@ -43,6 +43,7 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     queue_seconds: float | None = None  # arrival to first scheduling, of the request's first sample
+    error: BaseException | None = None  # a step failed this request: it ended, its samples say "error"
 
 
 @dataclass
@@ -113,11 +114,15 @@ class LLMEngine:
         return build_chat_inputs(self.tokenizer, self.model.vision_config, messages, images, pan_and_scan)
 
     def _never_sampled_ids(self) -> torch.Tensor:
-        """Embedding rows past the tokenizer's vocabulary, and image soft tokens (only images make them)."""
-        ids = list(range(self.tokenizer.vocab_size, self.model.config.vocab_size))
-        if self.model.image_token_id is not None and self.model.image_token_id < self.model.config.vocab_size:
-            ids.append(self.model.image_token_id)
-        return torch.tensor(ids, dtype=torch.long, device=self.model.device)
+        """Ids no sequence may sample: embedding rows past the tokenizer's vocabulary (they decode to nothing),
+        the image soft token (only an image makes it) and pad (it ends nothing and means nothing), unless pad
+        doubles as a stop token, as some tokenizers have it."""
+        vocab = self.model.config.vocab_size
+        ids = set(range(self.tokenizer.vocab_size, vocab))
+        for special in (self.model.image_token_id, self.tokenizer.image_token_id, self.tokenizer.pad_id):
+            if special is not None and 0 <= special < vocab and special not in self.eos_ids:
+                ids.add(special)
+        return torch.tensor(sorted(ids), dtype=torch.long, device=self.model.device)
 
     # -- requests ---------------------------------------------------------------------------------------
 
@@ -201,33 +206,94 @@ class LLMEngine:
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
-        """Schedule, run one packed forward, sample, detokenize; returns the requests that made progress."""
+        """Schedule, run one packed forward, sample, detokenize; returns the requests that made progress.
+
+        An error fails only the requests it concerns and the engine goes on: a failed forward or draw is
+        retried sequence by sequence (rewriting a sequence's cache slots is harmless), and whatever fails alone
+        ends its request with `error` set. Only a scheduler error escapes: the engine's state is then unknown."""
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
-        out = self.runner.run(chunks)
-        for c in chunks:
-            self.scheduler.advance(c)
-        tokens = self.sample(out)
-        return self.detokenize(out.sampling, tokens)
+        try:
+            out = self.runner.run(chunks)
+            tokens, failed = self.sample(out)
+        except Exception:
+            log.exception("a step of %d sequences failed; running them one at a time", len(chunks))
+            return self.step_one_by_one(chunks)
+        return self.finish_step(chunks, out.sampling, tokens, failed)
 
-    def sample(self, out: StepOutput) -> list[tuple[int, float | None, list | None]]:
-        """(token, logprob, top logprobs) for each sampling sequence."""
+    def step_one_by_one(self, chunks: list) -> list[RequestOutput]:
+        """Each chunk in its own forward, so a failure is pinned on the request that causes it."""
+        sampling, tokens, failed = [], [], {}
+        for chunk in chunks:
+            if chunk.seq.request_id in failed:
+                continue
+            try:
+                out = self.runner.run([chunk])
+                chunk_tokens, chunk_failed = self.sample(out)
+            except Exception as exc:
+                failed[chunk.seq.request_id] = exc
+                continue
+            failed.update(chunk_failed)
+            sampling += out.sampling
+            tokens += chunk_tokens
+        return self.finish_step(chunks, sampling, tokens, failed)
+
+    def finish_step(self, chunks, sampling, tokens, failed: dict[str, BaseException]) -> list[RequestOutput]:
+        """After the forward: the failed requests end with their error, the others advance and take a token."""
+        for rid, exc in failed.items():
+            log.error("request %s failed in a step: %r", rid, exc)
+        outputs = [self.fail(rid, exc) for rid, exc in failed.items() if rid in self.requests]
+        for chunk in chunks:
+            if chunk.seq.request_id not in failed:
+                self.scheduler.advance(chunk)
+        kept = [(c, t) for c, t in zip(sampling, tokens) if c.seq.request_id not in failed]
+        return outputs + self.detokenize([c for c, _ in kept], [t for _, t in kept])
+
+    def fail(self, request_id: str, error: BaseException) -> RequestOutput:
+        """End a request that a step could not compute: its blocks are freed, unfinished samples say "error"."""
+        for seq in self.requests[request_id]:
+            if seq.status is not Status.FINISHED:
+                self.scheduler.finish(seq, "error")
+        out = self._output(request_id, [])
+        out.error = error
+        return out
+
+    def sample(self, out: StepOutput) -> tuple[list[tuple[int, float | None, list | None]], dict[str, BaseException]]:
+        """(token, logprob, top logprobs) for each sampling sequence, and the requests whose logits are not
+        numbers (NaN or +inf: a token drawn from them would be arbitrary), which fail instead."""
         if not out.sampling:
-            return []
+            return [], {}
         logits = out.logits
+        broken = (torch.isnan(logits) | torch.isposinf(logits)).any(dim=1)
+        failed = {}
+        for row in broken.nonzero().flatten().tolist():
+            seq = out.sampling[row].seq
+            failed[seq.request_id] = FloatingPointError(f"the model's logits for {seq.seq_id} are not finite")
+            logits[row] = 0.0
         logits[:, self.never_sampled] = float("-inf")
         seqs = [c.seq for c in out.sampling]
         result = sample(logits, [s.params for s in seqs], [s.generator for s in seqs],
                         [s.prompt_ids for s in seqs], [s.output_ids for s in seqs])
-        return list(zip(result.token_ids, result.logprobs, result.top_logprobs))
+        return list(zip(result.token_ids, result.logprobs, result.top_logprobs)), failed
 
     def detokenize(self, chunks, tokens) -> list[RequestOutput]:
+        """Append each sampled token; an error here (the detokenizer's) fails only that token's request."""
         progressed: dict[str, list[tuple[Sequence, str]]] = {}
+        failed: dict[str, BaseException] = {}
         for chunk, (token, logprob, top) in zip(chunks, tokens):
-            delta = self._append(chunk.seq, token, logprob, top)
-            progressed.setdefault(chunk.seq.request_id, []).append((chunk.seq, delta))
-        return [self._output(rid, deltas) for rid, deltas in progressed.items()]
+            rid = chunk.seq.request_id
+            if rid in failed:
+                continue
+            try:
+                delta = self._append(chunk.seq, token, logprob, top)
+            except Exception as exc:
+                log.exception("request %s failed while detokenizing", rid)
+                failed[rid] = exc
+                continue
+            progressed.setdefault(rid, []).append((chunk.seq, delta))
+        outputs = [self.fail(rid, exc) for rid, exc in failed.items()]
+        return outputs + [self._output(rid, deltas) for rid, deltas in progressed.items() if rid not in failed]
 
     def _append(self, seq: Sequence, token: int, logprob, top) -> str:
         seq.output_ids.append(token)
