@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import io
 import os
 import socket
@@ -82,6 +83,14 @@ class ImageHost:
 
             def route_big(self, _):
                 self.reply(200, b"\0" * 5000)
+
+            def route_gzip(self, _):
+                body = gzip.compress(b"\0" * (10 << 20))  # 10 KiB on the wire, 10 MiB decoded
+                self.send_response(200)
+                self.send_header("Content-Encoding", "gzip")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
 
             def route_redirect(self, query):
                 self.send_response(302)
@@ -379,6 +388,12 @@ def test_image_bytes_are_limited(host):
     assert err.status == 400 and "limit of 1000 bytes" in err.message
 
 
+def test_compressed_bodies_are_refused_before_expanding(host):
+    """A gzip body could expand a thousandfold in one chunk before the byte limit is checked."""
+    assert refused([host.url + "/gzip"], allow_private=True, max_bytes=1 << 20).message == GENERIC
+    assert host.hits[0][0] == "/gzip"
+
+
 def test_total_pixels_are_checked_from_headers_before_decoding(monkeypatch):
     def never(*args, **kwargs):
         raise AssertionError("decoded an image over the pixel budget")
@@ -549,3 +564,26 @@ def test_remote_images_can_be_turned_off(host):
         assert host.hits == []
     finally:
         server.stop()
+
+
+# -- flags -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flag", ["--max-images-per-request", "--max-image-pixels", "--max-image-bytes",
+                                  "--image-fetch-timeout", "--max-concurrent-image-fetches"])
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "many"])
+def test_image_flags_must_be_positive_numbers(flag, value, capsys):
+    from server.cli import serve_parser
+
+    with pytest.raises(SystemExit) as info:
+        serve_parser().parse_args([flag, value])
+    assert info.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_fetch_limit_must_hold_a_full_request():
+    """Else a request with the most images allowed could never be served: refused before the model loads."""
+    from server.cli import build_server, serve_parser
+
+    args = serve_parser().parse_args(["--model", "/nonexistent", "--max-images-per-request", "40"])
+    with pytest.raises(ValueError, match="--max-concurrent-image-fetches"):
+        build_server(args)
