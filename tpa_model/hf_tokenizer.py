@@ -32,11 +32,14 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 
 from .tokenizer import (
     BOS,
+    CONTROL_STRINGS,
     END_OF_TURN,
     IMAGE_SOFT_TOKEN,
     REQUIRED_PIECES,
+    ChatEncoding,
     ChatTemplateError,
     GemmaTokenizer,
+    cut_at,
     render_gemma3_chat,
 )
 
@@ -74,7 +77,7 @@ _REGEX_SPLITS = {
 BYTE_LEVEL_PRE_TOKENIZERS = frozenset({*_GPT2_FAMILY, *_DIGITS_GPT2_FAMILY, *_REGEX_SPLITS})
 
 
-class TokenizersTokenizer:
+class TokenizersTokenizer(ChatEncoding):
     """Text <-> ids through a `tokenizers.Tokenizer`, with the checkpoint's special tokens and chat template.
 
     Offers what the engine, server and detokenizer use of `GemmaTokenizer`, with the same meaning:
@@ -111,6 +114,9 @@ class TokenizersTokenizer:
         # Gemma 3's template writes these pieces as text; they must each come back as one id.
         self._gemma_chat = all(self._single_special_id(piece, special_only=False) is not None
                                for piece in REQUIRED_PIECES)
+        # Ids that message text must never encode to (see `mark_controls`).
+        named = {self._single_special_id(piece, special_only=False) for piece in (*CONTROL_STRINGS, *TURN_END_TOKENS)}
+        self._control_ids = frozenset((self._special_ids | named) - {None})
 
     # ----- construction -----
 
@@ -302,9 +308,17 @@ class TokenizersTokenizer:
         raise ChatTemplateError(f"{self.source} carries no chat template, and its vocabulary is not Gemma's; "
                                 "it can only complete plain prompts")
 
-    def encode_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> list[int]:
-        """Prompt ids for a chat; a bos the template writes is its one bos (none is added)."""
-        return self.encode(self.render_chat(messages, add_generation_prompt=add_generation_prompt))
+    def mark_controls(self, text: str) -> str:
+        """`text` with its control strings cut (see tokenizer.CUT), so that `encode_marked` encodes them as text.
+
+        The control strings are found by the library itself (an encoding's ids and offsets), so exactly what
+        it would match is cut, however many special tokens the vocabulary has. With a dummy-prefix normalizer
+        (SentencePiece vocabularies with `add_space_prefix`) the text after a cut gets that prefix's space.
+        """
+        encoding = self.backend.encode(text, add_special_tokens=False)
+        controls = self._control_ids
+        starts = [start for token_id, (start, _) in zip(encoding.ids, encoding.offsets) if token_id in controls]
+        return cut_at(text, starts)
 
     def save(self, path: str | Path) -> None:
         """Write tokenizer.json and tokenizer_config.json, which `from_hf_dir` reads back to this tokenizer (a

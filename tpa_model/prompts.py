@@ -86,6 +86,8 @@ def encode_chat_with_images(
     crops_per_image: Sequence[int] | None = None,
     add_generation_prompt: bool = True,
 ) -> list[int]:
-    """Token ids of a chat whose image parts each take mm_tokens_per_image soft tokens (per crop)."""
-    rendered = tokenizer.render_chat(messages, add_generation_prompt=add_generation_prompt)
-    return tokenizer.encode(expand_images(rendered, mm_tokens_per_image, crops_per_image))
+    """Token ids of a chat whose image parts each take mm_tokens_per_image soft tokens (per crop). Control
+    strings typed in message text are cut before rendering (see tokenizer.CUT), so a `<start_of_image>` there
+    is text: neither an image placeholder nor a control token."""
+    rendered = tokenizer.render_chat_marked(messages, add_generation_prompt=add_generation_prompt)
+    return tokenizer.encode_marked(expand_images(rendered, mm_tokens_per_image, crops_per_image))

@@ -35,7 +35,81 @@ class ChatTemplateError(ValueError):
     """A conversation the Gemma 3 chat template cannot render."""
 
 
-class GemmaTokenizer:
+# -- control strings in message text ----------------------------------------------------------------------
+#
+# A chat is rendered to one string by its template and that string is encoded with control strings parsed,
+# so `<end_of_turn>` typed in a message would become the control token and let a user forge turns. Before
+# rendering, every control string in message text is therefore cut by CUT, a private-use character, right
+# after its first character (a literal CUT is doubled). The template sees nothing it would treat
+# differently, and no cut control string matches any more. The rendered string is then encoded in the pieces
+# between single CUTs (`marked_chunks`): the template's own control strings still become their ids, while
+# a cut one is encoded as the plain text it is.
+
+CUT = "\ue000"
+_CUT_OR_ESCAPE = re.compile(f"({CUT}{CUT}|{CUT})")
+
+
+def cut_at(text: str, starts: Iterable[int]) -> str:
+    """`text` with CUT after the character at each of `starts` (the starts of its control strings, in
+    order), and each literal CUT doubled."""
+    out, position = [], 0
+    for start in starts:
+        out.append(text[position:start + 1].replace(CUT, CUT + CUT))
+        out.append(CUT)
+        position = start + 1
+    out.append(text[position:].replace(CUT, CUT + CUT))
+    return "".join(out)
+
+
+def marked_chunks(text: str) -> list[str]:
+    """The pieces of a marked text between its single CUTs, each doubled CUT back to one."""
+    chunks, current = [], []
+    for piece in _CUT_OR_ESCAPE.split(text):
+        if piece == CUT:
+            chunks.append("".join(current))
+            current = []
+        else:
+            current.append(CUT if piece == CUT + CUT else piece)
+    chunks.append("".join(current))
+    return chunks
+
+
+def mark_messages(messages: Sequence[Mapping[str, Any]], mark) -> list[Any]:
+    """Copies of `messages` whose text (string contents, text parts) went through `mark`; anything else is
+    left as it is, for the template to judge."""
+    return [_mark_message(m, mark) if isinstance(m, Mapping) else m for m in messages]
+
+
+def _mark_message(message: Mapping[str, Any], mark) -> dict[str, Any]:
+    content = message.get("content")
+    if isinstance(content, str):
+        content = mark(content)
+    elif isinstance(content, list):
+        content = [{**part, "text": mark(part["text"])}
+                   if isinstance(part, Mapping) and isinstance(part.get("text"), str) else part
+                   for part in content]
+    return {**message, "content": content}
+
+
+class ChatEncoding:
+    """Chats encoded so that only the template makes control tokens, for a tokenizer with `render_chat`,
+    `encode` and `mark_controls` (the CUT-marked form of a text's control strings)."""
+
+    def render_chat_marked(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
+        """The template's text for `messages`, their own control strings cut (see CUT); for `encode_marked`."""
+        return self.render_chat(mark_messages(messages, self.mark_controls), add_generation_prompt)
+
+    def encode_marked(self, text: str) -> list[int]:
+        """Ids of a marked text: each piece between cuts encoded on its own, control strings parsed."""
+        return [token_id for chunk in marked_chunks(text) if chunk for token_id in self.encode(chunk)]
+
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        """Prompt ids for a chat; control strings typed in its messages are encoded as text, and a bos the
+        template writes is its one bos (none is added)."""
+        return self.encode_marked(self.render_chat_marked(messages, add_generation_prompt))
+
+
+class GemmaTokenizer(ChatEncoding):
     """Text <-> ids for Gemma 3, with the official chat template.
 
     `added_tokens` maps extra pieces to ids past the SentencePiece vocabulary: the real Gemma 3 checkpoints
@@ -175,9 +249,9 @@ class GemmaTokenizer:
         """The text google/gemma-3-*-it's chat template renders for `messages` (see `render_gemma3_chat`)."""
         return render_gemma3_chat(messages, add_generation_prompt=add_generation_prompt)
 
-    def encode_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> list[int]:
-        """Prompt ids for a chat; the template's leading `<bos>` is its one bos."""
-        return self.encode(self.render_chat(messages, add_generation_prompt=add_generation_prompt))
+    def mark_controls(self, text: str) -> str:
+        """`text` with its control strings cut (see CUT), so that `encode_marked` encodes them as text."""
+        return cut_at(text, (m.start() for m in self._control_pattern.finditer(text)))
 
 
 def render_gemma3_chat(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
