@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hmac
 import json
 import logging
 import time
@@ -22,9 +21,11 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
 
 from tpa_model.prompts import PromptInputs
 from tpa_model.sampling import ParamError, SamplingParams
@@ -34,6 +35,7 @@ from .engine.async_engine import AsyncEngine, EngineDeadError, EngineError, Queu
 from .engine.engine import CompletionOutput, RequestOutput
 from .images import ImageLimits, ImageLoader
 from .metrics import Metrics
+from .middleware import GuardSettings, HTTPGuard, install_log_record_factory
 from .protocol import (
     UNSUPPORTED_COMPLETION_FIELDS,
     UNSUPPORTED_FIELDS,
@@ -42,9 +44,11 @@ from .protocol import (
     ChatMessage,
     CompletionRequest,
     ContentPart,
+    ErrorResponse,
     SamplingRequest,
     legacy_logprobs,
     logprobs_content,
+    lone_surrogate_field,
     new_id,
     now,
     usage,
@@ -69,6 +73,10 @@ class ServerSettings:
     image_fetch_timeout: float = 10.0
     max_concurrent_image_fetches: int = 32
     drain_timeout: float = 30.0
+    max_request_bytes: int = 32 << 20  # a request body, images in data URLs included
+    max_text_chars: int = 1_000_000  # characters of a request's text (messages, or each prompt), before tokenizing
+    body_timeout: float = 30.0  # seconds for a request's whole body to arrive
+    docs: bool = True  # serve /docs, /redoc and /openapi.json (behind the API key when one is set)
     stream_timeout: float = 60.0  # seconds a streaming client may leave a write blocked before it is cut off
 
     def image_limits(self) -> ImageLimits:
@@ -180,6 +188,19 @@ class OpenAIServing:
         self.engine, self.tokenizer, self.settings = engine, tokenizer, settings
         self.metrics = metrics or Metrics(engine)
         self.created = now()
+
+    def check_text(self, req: SamplingRequest) -> None:
+        """Text a tokenizer cannot take, or that would take it long, is refused before it is tokenized: a lone
+        surrogate (which UTF-8 cannot encode) names its field; the length limit is in characters."""
+        bad = lone_surrogate_field(req.model_dump())
+        if bad is not None:
+            raise APIError(400, f"{bad} is not valid Unicode text: it holds a lone surrogate (U+D800 to U+DFFF)",
+                           param=bad)
+        limit = self.settings.max_text_chars
+        longest = max(req.text_lengths(), default=0)
+        if longest > limit:
+            raise APIError(400, f"the {req.prompt_param} hold {longest} characters, more than the limit of "
+                                f"{limit} (--max-text-chars)", param=req.prompt_param, code="text_too_long")
 
     def check_model(self, req: SamplingRequest) -> None:
         if req.model != self.settings.model_name:
@@ -358,6 +379,7 @@ class OpenAIServingChat(OpenAIServing):
 
     def check_request(self, req: ChatCompletionRequest) -> None:
         """Fields we would otherwise silently ignore are refused, so a client never trusts an unmet option."""
+        self.check_text(req)
         check_unsupported(req, UNSUPPORTED_FIELDS)
         fmt = (req.model_extra or {}).get("response_format")
         if fmt and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
@@ -365,14 +387,12 @@ class OpenAIServingChat(OpenAIServing):
         self.check_model(req)
 
     async def build_prompt(self, req: ChatCompletionRequest, request: Request) -> PromptInputs:
-        """Token ids and pixels of the chat; the engine expands each image into its soft tokens. With images,
-        in a worker thread: resizing them must not block the event loop."""
+        """Token ids and pixels of the chat; the engine expands each image into its soft tokens. In a worker
+        thread: tokenizing a long chat, or resizing images, must not block the event loop (and /health)."""
         messages, urls = chat_messages(req)
         images = await self.load_images(urls, request) if urls else []
         try:
-            if images:
-                return await asyncio.to_thread(self.engine.build_inputs, messages, images)
-            return self.engine.build_inputs(messages, images)
+            return await asyncio.to_thread(self.engine.build_inputs, messages, images)
         except ChatTemplateError as e:
             raise APIError(400, str(e), param="messages") from e
 
@@ -424,7 +444,7 @@ class OpenAIServingCompletion(OpenAIServing):
         """Refuse what we cannot honour before the engine sees it, then answer whole or as an SSE stream."""
         arrival = time.monotonic()
         self.check_request(req)
-        prompts = [self.build_prompt(p, req) for p in req.prompts()]
+        prompts = await asyncio.to_thread(self.build_prompts, req)  # tokenizing must not block the event loop
         jobs = [(p.token_ids, self.sampling_params(req, len(p.token_ids))) for p in prompts]
         streams = await self.submit_all(jobs)
         response_id, created_at = new_id("cmpl"), now()
@@ -439,6 +459,7 @@ class OpenAIServingCompletion(OpenAIServing):
 
     def check_request(self, req: CompletionRequest) -> None:
         """Options this server cannot honour are refused by name rather than quietly ignored."""
+        self.check_text(req)
         check_unsupported(req, UNSUPPORTED_COMPLETION_FIELDS)
         if req.best_of is not None and req.best_of < req.n:
             raise APIError(400, f"best_of must be at least n ({req.n}), got {req.best_of}", param="best_of")
@@ -453,6 +474,9 @@ class OpenAIServingCompletion(OpenAIServing):
             raise APIError(400, f"{count} prompts with n={req.n} make {count * req.n} sequences, more than the "
                                 f"{MAX_N} one request may have", param="prompt")
         self.check_model(req)
+
+    def build_prompts(self, req: CompletionRequest) -> list[CompletionPrompt]:
+        return [self.build_prompt(p, req) for p in req.prompts()]
 
     def build_prompt(self, prompt: str | list[int], req: CompletionRequest) -> CompletionPrompt:
         """Text is encoded with the bos the model expects (the tokenizer knows); token ids are used as they are,
@@ -649,10 +673,13 @@ class CompletionChunkWriter(SSEWriter):
 def create_app(engine: AsyncEngine, tokenizer: GemmaTokenizer, settings: ServerSettings) -> FastAPI:
     serving = OpenAIServingChat(engine, tokenizer, settings)
     completion = OpenAIServingCompletion(engine, tokenizer, settings, serving.metrics)  # one set of histograms
-    app = FastAPI(title="gemma-tpa", version="0.1.0", lifespan=serving.lifespan)
+    docs = {} if settings.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="gemma-tpa", version="0.1.0", lifespan=serving.lifespan, **docs)
     add_error_handlers(app)
-    add_auth(app, settings)
+    app.add_middleware(HTTPGuard, settings=guard_settings(settings))
+    install_log_record_factory()
     add_routes(app, serving, completion)
+    app.openapi = functools.partial(openapi_schema, app)
     app.state.engine = engine
     app.state.metrics = serving.metrics
     app.state.serving = serving
@@ -660,34 +687,78 @@ def create_app(engine: AsyncEngine, tokenizer: GemmaTokenizer, settings: ServerS
     return app
 
 
+def guard_settings(settings: ServerSettings) -> GuardSettings:
+    """The API key guards /v1/ and the API docs; health and metrics stay open to probes and scrapers."""
+    guarded = ("/v1/", "/docs", "/redoc", "/openapi.json") if settings.docs else ("/v1/",)
+    return GuardSettings(api_key=settings.api_key, guarded_prefixes=guarded,
+                         max_request_bytes=settings.max_request_bytes, body_timeout=settings.body_timeout)
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict]:
+    """OpenAPI declarations of the error answers a route gives, all in OpenAI's shape."""
+    return {status: {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[status]} for status in statuses}
+
+
+ERROR_DESCRIPTIONS = {
+    400: "invalid request: the error's `param` names the field",
+    401: "missing or wrong API key (only with --api-key)",
+    404: "unknown model",
+    408: "the request body did not arrive in time",
+    413: "the request body is larger than --max-request-bytes",
+    500: "the engine failed while generating",
+    503: "the waiting queue is full (see Retry-After), or the engine is not running",
+}
+GENERATION_ERRORS = error_responses(400, 401, 404, 408, 413, 500, 503)
+GENERATION_OK = {200: {"description": "the completion as JSON, or with `stream` as server-sent events",
+                       "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}}}}
+
+
+def openapi_schema(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document without the 422 it declares for every body: this server answers 400 instead."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                operation["responses"].pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
 def add_routes(app: FastAPI, serving: OpenAIServingChat, completion: OpenAIServingCompletion) -> None:
     """Thin routes: FastAPI reads each signature to parse the request, so they stay plain functions."""
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "the engine is not running",
+                                         "content": {"application/json": {}}}})
     async def health():
         return serving.health()
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"description": "Prometheus text format",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def prometheus():
         return serving.prometheus()
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=error_responses(401))
     async def models():
         return serving.show_models()
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses={**GENERATION_OK, **GENERATION_ERRORS})
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         return await serving.create_chat_completion(req, request)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses={**GENERATION_OK, **GENERATION_ERRORS})
     async def completions(req: CompletionRequest, request: Request):
         return await completion.create_completion(req, request)
 
 
 def add_error_handlers(app: FastAPI) -> None:
-    """Every error in OpenAI's shape, so SDK clients raise their typed exceptions."""
+    """Every error in OpenAI's shape, so SDK clients raise their typed exceptions; Starlette's own (404, 405,
+    an unreadable body) too, never {"detail": ...}."""
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(HTTPException, http_error)
 
 
 async def api_error(_: Request, err: APIError) -> JSONResponse:
@@ -698,31 +769,35 @@ async def invalid_request(_: Request, err: RequestValidationError) -> JSONRespon
     return error_response(validation_error(err))
 
 
+async def http_error(_: Request, err: HTTPException) -> JSONResponse:
+    return error_response(starlette_error(err))
+
+
+def starlette_error(err: HTTPException) -> APIError:
+    """Starlette's and FastAPI's HTTP errors, and the middleware's BodyError, as OpenAI errors."""
+    message = str(err.detail)
+    code = getattr(err, "code", None) or HTTP_CODES.get(err.status_code)
+    if message == "There was an error parsing the body":  # FastAPI's words for a body that is not UTF-8 JSON
+        message, code = "the request body is not valid JSON text in UTF-8", "invalid_json"
+    kind = "server_error" if err.status_code >= 500 else "invalid_request_error"
+    return APIError(err.status_code, message, type=kind, code=code, headers=err.headers)
+
+
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
 def validation_error(err: RequestValidationError) -> APIError:
     """FastAPI's 422 as OpenAI's 400, naming the first bad field the way OpenAI's `param` does."""
     first = err.errors()[0] if err.errors() else {}
+    if first.get("type") == "json_invalid":
+        detail = (first.get("ctx") or {}).get("error", "")
+        return APIError(400, f"the request body is not valid JSON: {detail}", code="invalid_json")
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None
+    if param is None and first.get("type") in ("model_attributes_type", "dict_type", "model_type"):
+        return APIError(400, "the request body must be a JSON object")
     message = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request")
     return APIError(400, message, param=param)
-
-
-def add_auth(app: FastAPI, settings: ServerSettings) -> None:
-    """The API key guards /v1/ only: health and metrics stay open to probes and scrapers."""
-
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
-        if settings.api_key and request.url.path.startswith("/v1/") and not key_matches(request, settings.api_key):
-            return error_response(APIError(401, "invalid or missing API key", type="authentication_error",
-                                           code="invalid_api_key"))
-        return await call_next(request)
-
-
-def key_matches(request: Request, api_key: str) -> bool:
-    """Constant-time comparison, so response timing does not leak the key."""
-    header = request.headers.get("authorization", "")
-    token = header[7:] if header.lower().startswith("bearer ") else ""
-    return hmac.compare_digest(token.encode(), api_key.encode())
 
 
 class LatencyTimer:

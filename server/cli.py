@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 import os
 import signal
@@ -118,6 +119,7 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: directory name)")
     p.add_argument("--disable-remote-images", action="store_true", help="accept only data: URLs for images")
     add_image_args(p)
+    add_http_args(p)
     p.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds running requests get to finish after SIGTERM")
     p.add_argument("--stream-timeout", type=float, default=60.0,
@@ -189,6 +191,34 @@ def add_image_args(p: argparse.ArgumentParser) -> None:
                    help="image URLs fetched at once, server-wide; more get 503")
 
 
+def add_http_args(p: argparse.ArgumentParser) -> None:
+    """What one HTTP request may cost before the engine sees it, how long a client may be slow, and the docs."""
+    p.add_argument("--max-request-bytes", type=positive(int), default=32 << 20,
+                   help="largest request body, images in data URLs included (default 32 MiB); larger: 413")
+    p.add_argument("--max-text-chars", type=positive(int), default=1_000_000,
+                   help="characters of a request's text (a chat's messages, or each prompt) before tokenizing")
+    p.add_argument("--timeout-keep-alive", type=positive(float), default=5.0,
+                   help="seconds an idle keep-alive connection stays open")
+    p.add_argument("--header-timeout", type=positive(float), default=10.0,
+                   help="seconds a client has to send a request's headers")
+    p.add_argument("--body-timeout", type=positive(float), default=30.0,
+                   help="seconds a client has to send a request's whole body; slower: 408")
+    p.add_argument("--disable-docs", action="store_true", help="serve no /docs, /redoc or /openapi.json")
+
+
+def uvicorn_config(app, args: argparse.Namespace):
+    """uvicorn's settings from tpa-serve's flags: slow clients cut by timeouts (see server/timeouts.py), and
+    logging left to ours (log_config=None), whose lines carry the request id."""
+    import uvicorn
+
+    from .timeouts import TimedH11Protocol
+
+    protocol = functools.partial(TimedH11Protocol, header_timeout=args.header_timeout)
+    return uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, log_config=None,
+                          http=protocol, timeout_keep_alive=args.timeout_keep_alive,
+                          timeout_graceful_shutdown=args.graceful_timeout)
+
+
 def positive(kind):
     """An argparse type: a number of `kind` above zero, else argparse's one-line error and exit status 2."""
     def parse(text: str):
@@ -236,7 +266,9 @@ def build_server(args: argparse.Namespace):
                               max_image_pixels=args.max_image_pixels, max_image_bytes=args.max_image_bytes,
                               image_fetch_timeout=args.image_fetch_timeout,
                               max_concurrent_image_fetches=args.max_concurrent_image_fetches,
-                              drain_timeout=args.graceful_timeout)
+                              drain_timeout=args.graceful_timeout, max_request_bytes=args.max_request_bytes,
+                              max_text_chars=args.max_text_chars, body_timeout=args.body_timeout,
+                              docs=not args.disable_docs)
     return create_app(async_engine, tokenizer, settings), async_engine
 
 

@@ -23,6 +23,19 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error this server answers, for the OpenAPI document (APIError.body() writes it)."""
+
+    error: ErrorDetail
+
+
 class ImageURL(BaseModel):
     url: str
     detail: str | None = None
@@ -82,6 +95,10 @@ class SamplingRequest(BaseModel):
         """SamplingParams.logprobs: None for none, k for the chosen token's logprob and k alternatives."""
         raise NotImplementedError
 
+    def text_lengths(self) -> list[int]:
+        """Characters of each text the request asks to tokenize, for the limit checked before tokenizing."""
+        raise NotImplementedError
+
 
 class ChatCompletionRequest(SamplingRequest):
     """POST /v1/chat/completions."""
@@ -100,6 +117,10 @@ class ChatCompletionRequest(SamplingRequest):
 
     def logprob_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def text_lengths(self) -> list[int]:
+        """The chat is tokenized as one text: its messages together."""
+        return [sum(message_chars(m) for m in self.messages)]
 
 
 class CompletionRequest(SamplingRequest):
@@ -134,6 +155,33 @@ class CompletionRequest(SamplingRequest):
 
     def logprob_count(self) -> int | None:
         return self.logprobs
+
+    def text_lengths(self) -> list[int]:
+        """Each prompt of a batch is tokenized on its own."""
+        return [len(p) for p in self.prompts() if isinstance(p, str)]
+
+
+def message_chars(m: ChatMessage) -> int:
+    if m.content is None or isinstance(m.content, str):
+        return len(m.content or "")
+    return sum(len(p.text or "") for p in m.content)
+
+
+def lone_surrogate_field(value: Any, path: str = "") -> str | None:
+    """The dotted path of the first string in `value` (a request's model_dump()) that UTF-8 cannot encode, or
+    None. JSON's "\\ud800" escape parses to such a string, and a tokenizer would fail on it with a 500."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or None
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = lone_surrogate_field(item, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 def is_token_id(value: Any) -> bool:

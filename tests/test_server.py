@@ -13,14 +13,14 @@ import openai
 import pytest
 from PIL import Image
 
-from server.cli import build_server, serve_parser
+from server.cli import build_server, serve_parser, uvicorn_config
 
 MODEL = "demo"  # the tiny random demo model (with a vision tower): fast, and it reads images
 
 
 class LiveServer:
-    """tpa-serve's app on a loopback port, in this process; the demo model unless `model` says (None: the
-    default model)."""
+    """tpa-serve's app on a loopback port, in this process, with tpa-serve's uvicorn settings (timeouts); the
+    demo model unless `model` says (None: the default model)."""
 
     def __init__(self, argv, model: str | None = "demo"):
         import uvicorn
@@ -28,9 +28,10 @@ class LiveServer:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        args = [*(["--model", model] if model else []), *argv, "--port", str(self.port)]
-        self.app, self.engine = build_server(serve_parser().parse_args(args))
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        argv = [*(["--model", model] if model else []), "--log-level", "warning", *argv, "--port", str(self.port)]
+        args = serve_parser().parse_args(argv)
+        self.app, self.engine = build_server(args)
+        self.server = uvicorn.Server(uvicorn_config(self.app, args))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.time() + 30

@@ -280,7 +280,8 @@ class AsyncEngine:
         return self.engine.max_model_len
 
     def build_inputs(self, messages: list[dict], images=(), pan_and_scan: bool = False):
-        """Prompt ids and pixels of a chat (see LLMEngine.build_inputs); safe on the event loop's thread."""
+        """Prompt ids and pixels of a chat (see LLMEngine.build_inputs); safe on any thread (it only reads the
+        tokenizer and the vision config), so the API runs it in a worker thread."""
         return self.engine.build_inputs(messages, images, pan_and_scan)
 
     @property
