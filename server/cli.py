@@ -286,7 +286,7 @@ def serve_main(argv: list[str] | None = None) -> int:
     restarts the server); 2 for a bad flag or a port that cannot be bound, before the model loads."""
     import logging
 
-    import uvicorn
+    from .middleware import install_log_record_factory
 
     parser = serve_parser()
     args = parser.parse_args(argv)
@@ -295,16 +295,15 @@ def serve_main(argv: list[str] | None = None) -> int:
         sock = bind_socket(args.host, args.port)
     except OSError as e:
         parser.error(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
+    install_log_record_factory()  # before any handler formats %(request_id)s
     logging.basicConfig(level=args.log_level.upper().replace("TRACE", "DEBUG"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s")
     try:
         app, engine = build_server(args)
     except (CheckpointError, OSError, ValueError) as e:
         print(f"tpa-serve: error: {e}", file=sys.stderr)
         return 1
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=args.graceful_timeout)
-    server = GracefulServer(config)
+    server = GracefulServer(uvicorn_config(app, args))
     engine.on_death = server.engine_died
     server.run(sock)
     if engine.fatal_error is not None:

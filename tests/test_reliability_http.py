@@ -397,3 +397,39 @@ def test_flags_default_to_sane_limits():
     assert not args.disable_docs
     with pytest.raises(SystemExit):
         serve_parser().parse_args(["--max-request-bytes", "0"])
+
+
+def test_tpa_serve_itself_logs_request_ids_and_cuts_idle_connections(tmp_path):
+    """tpa-serve as a process (its own logging and uvicorn settings, not the tests' LiveServer)."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "GEMMA_TPA_CACHE": os.environ.get("GEMMA_TPA_CACHE", str(tmp_path))}
+    proc = subprocess.Popen([shutil.which("tpa-serve"), "--model", "demo", "--port", str(port), "--cache-memory",
+                             "0.02", "--header-timeout", "1"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert time.time() < deadline and proc.poll() is None, "tpa-serve did not come up"
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        assert httpx.get(url + "/v1/models", headers={"X-Request-ID": "sub-7"}).headers["x-request-id"] == "sub-7"
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            data, took = read_until_closed(sock, 10)
+        assert data == b"" and took < 5
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert any("[sub-7]" in line and "/v1/models" in line for line in output.splitlines()), output
