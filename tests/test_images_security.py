@@ -536,6 +536,16 @@ def test_server_deadline_and_bombs(servers, host):
     assert r.status_code == 400
 
 
+def test_server_cancels_the_fetch_when_the_client_leaves(host):
+    private_slow = LiveServer(["--cache-memory", "0.02", "--allow-private-image-urls", "--image-fetch-timeout", "30"])
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            ask(private_slow, f"{host.url}/hang", timeout=0.5)
+        assert host.closed.wait(3), "the server kept fetching after its client left"
+    finally:
+        private_slow.stop()
+
+
 def test_health_answers_while_an_image_decodes(servers, monkeypatch):
     """Decoding and preprocessing run in a worker thread: a slow decode does not block /health."""
     _, private = servers
