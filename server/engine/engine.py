@@ -55,6 +55,7 @@ class EngineConfig:
     cache_memory_gib: float | None = None  # default: 90% of free GPU memory on CUDA, 1 GiB on CPU
     num_blocks: int | dict[str, int] | None = None  # exact pool sizes (tests), by pool name; overrides memory
     prefix_caching: bool = True
+    attention_backend: str = "auto"  # auto: triton on CUDA when it imports, else reference
 
 
 class LLMEngine:
@@ -68,7 +69,7 @@ class LLMEngine:
         self.max_model_len = min(cfg.max_model_len or text.max_position_embeddings, text.max_position_embeddings)
         cache_bytes = int(cfg.cache_memory_gib * 2**30) if cfg.cache_memory_gib else None
         self.runner = ModelRunner(model, cfg.block_size, self.max_model_len, cfg.max_num_seqs,
-                                  cfg.max_num_batched_tokens, cache_bytes, cfg.num_blocks)
+                                  cfg.max_num_batched_tokens, cache_bytes, cfg.num_blocks, cfg.attention_backend)
         self.managers = {
             pool: BlockManager(blocks, cfg.block_size, window, cfg.prefix_caching)
             for pool, (window, blocks) in self.runner.pools.items()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tpa_model.backends import default_backend
+from tpa_model.backends import make_backend
 from tpa_model.capacity import CacheLayout, CapacityReport, capacity_report, tpa_layout
 from tpa_model.kv_cache import KVCache
 from tpa_model.metadata import AttentionMetadata, build_metadata
@@ -59,6 +59,7 @@ class ModelRunner:
         max_num_batched_tokens: int,
         cache_bytes: int | None = None,
         num_blocks: int | dict[str, int] | None = None,
+        attention_backend: str = "auto",
     ):
         self.model = model
         self.layout: CacheLayout = tpa_layout(model.config, model.dtype, block_size)
@@ -74,7 +75,8 @@ class ModelRunner:
         elif isinstance(num_blocks, int):
             num_blocks = {pool: num_blocks for pool in self.layout.block_bytes}
         self.kv = KVCache(self.layout.specs, num_blocks, block_size, model.device)
-        self.backend = default_backend(model.device)
+        self.backend = make_backend(attention_backend, model.device)
+        log.info("attention backend: %s", self.backend.name)
         self.capacity: CapacityReport = capacity_report(
             self.layout, self.kv.num_blocks, session_len, max_num_batched_tokens, max_num_seqs
         )

@@ -5,8 +5,8 @@ cache through the step's block tables:
     write(kv, slots, k, v)                    store the new tokens' keys and values (plain or factors)
     decode(q, kv, pool, meta, scale)          one query token for each of the first meta.num_decodes sequences
     prefill(q, kv, pool, meta, seq, scale)    the new tokens of one sequence, over its cached prefix and itself
-`attend` runs them for one layer of a step. The PyTorch reference backend runs everywhere; a fused kernel
-is a second backend behind the same interface.
+`attend` runs them for one layer of a step. The PyTorch reference backend runs everywhere; the Triton backend
+(triton_decode.py, CUDA) runs decodes on paged split-K kernels and delegates writes and prefill to it.
 """
 
 from __future__ import annotations
@@ -64,7 +64,37 @@ def attend(
     return out
 
 
+BACKENDS = ("auto", "reference", "triton")
+
+
 def default_backend(device: torch.device | str) -> AttentionBackend:
+    return make_backend("auto", device)
+
+
+def make_backend(name: str, device: torch.device | str) -> AttentionBackend:
+    """The backend called `name` for a model on `device`. auto: the Triton kernels on CUDA when triton
+    imports, else the reference. Triton on a CPU runs only in its interpreter (TRITON_INTERPRET=1, the tests)."""
     from .reference import ReferenceBackend
 
-    return ReferenceBackend()
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    on_cuda = torch.device(device).type == "cuda"
+    if name == "reference" or (name == "auto" and not (on_cuda and triton_available())):
+        return ReferenceBackend()
+    if not triton_available():
+        raise ValueError("the triton attention backend needs the triton package (pip install triton)")
+    from .triton_decode import TritonBackend, interpreter_enabled
+
+    if not on_cuda and not interpreter_enabled():
+        raise ValueError(f"the triton attention backend runs on CUDA (device here: {device}); on a CPU only "
+                         "under TRITON_INTERPRET=1, for tests. Use --attention-backend reference")
+    return TritonBackend()
+
+
+def triton_available() -> bool:
+    """Whether triton imports (it is an optional dependency: the 'cuda' and 'test' extras)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True

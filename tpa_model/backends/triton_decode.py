@@ -1,0 +1,268 @@
+"""The Triton backend: decode attention straight on the paged cache, plain K/V or TPA factors.
+
+One step's decode sequences (one new query token each, any mix of lengths) are attended in one launch of
+`decode_split_kernel` and one launch of `merge_kernel` (flash-decoding):
+
+    grid (head programs, sequences, splits)
+    split kernel   each program takes one sequence, a set of query heads and one contiguous range of that
+                   sequence's keys; it walks the range in tiles of BLOCK_T tokens, finding each token's slot
+                   through the block table (the cache is never gathered into a padded copy), and keeps an
+                   online softmax: a running max m, sum l and unnormalized output acc per head, all float32.
+                   It writes (m, l, acc) for its split.
+    merge kernel   one program per (sequence, head) rescales the splits' partial results to a common max:
+                   o = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s.
+
+Factored parts never rebuild K or V. Per tile and rank r, the queries meet the token factors in one matrix
+product and the head factors then weight each (head, token) pair:
+    s[h, t] = scale * sum_r a_k[t, r, g(h)] * (q_h . b_k[t, r])
+    o_h     = sum_t p[h, t] * sum_r a_v[t, r, g(h)] * b_v[t, r]
+so a program reads each token's factors once. The token factors are shared by every kv group, so when both
+keys and values are factored one program takes all H query heads (the token factors are read once per
+sequence, not once per group); when a part is plain (a standard GQA cache, full rank) a program takes the
+query heads of one kv group, which share that group's keys and values. Either way the query heads of a
+group are computed together, as the rows of one product.
+
+Numerics follow the reference backend (reference.py): scores are (q . k) * scale with no softcapping, a key
+is visible when its position is <= the query's limit and, on a windowed layer, within `window` positions of
+the query; products accumulate in float32; p (times the value head factor) is cast to the cache dtype before
+its product with the values, as the reference does. New keys and values are written by the reference's
+index_copy_ (one indexed copy per stored tensor), and prefill chunks use the reference's tiled prefill.
+
+On a CPU the kernels run only under TRITON_INTERPRET=1 (Triton's interpreter, used by the tests).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..kv_cache import LayerKV
+from ..metadata import AttentionMetadata, PoolMetadata
+from .reference import ReferenceBackend
+
+NEG = -1e30  # running-max floor: an empty tile or split then weighs exp(NEG - m) = 0, never NaN
+MIN_DOT = 16  # tl.dot on a GPU needs every dimension >= 16: heads, tokens and head_dim are padded to it
+
+
+@triton.jit
+def _load_query(q_ptr, seq, heads, head_ok, dims, dim_ok, q_seq_stride, H_STRIDE: tl.constexpr):
+    """[HEADS, D] queries of one sequence (padding rows and columns are zero)."""
+    ptrs = q_ptr + seq * q_seq_stride + heads[:, None] * H_STRIDE + dims[None, :]
+    return tl.load(ptrs, mask=head_ok[:, None] & dim_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _head_factor(ptr, slots, tok_ok, groups, head_ok, r, R: tl.constexpr, G: tl.constexpr):
+    """[HEADS, BLOCK_T]: a[t, r, g(h)], the head factor of rank r of each token, for each query head's group.
+    A head factor is R * G numbers per token; the few bytes a row reads stay in L1 for the other ranks."""
+    ptrs = ptr + slots[None, :] * (R * G) + r * G + groups[:, None]
+    return tl.load(ptrs, mask=head_ok[:, None] & tok_ok[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _token_rows(ptr, slots, tok_ok, dims, dim_ok, r, R: tl.constexpr, D: tl.constexpr):
+    """[BLOCK_T, D]: the token factor of rank r of each token (d contiguous numbers per row)."""
+    ptrs = ptr + slots[:, None] * (R * D) + r * D + dims[None, :]
+    return tl.load(ptrs, mask=tok_ok[:, None] & dim_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _plain_rows(ptr, group, num_slots, slots, tok_ok, dims, dim_ok, D: tl.constexpr):
+    """[BLOCK_T, D]: one kv group's plain keys (or values) of the tile; the part is stored [G, slots, d]."""
+    ptrs = ptr + (group.to(tl.int64) * num_slots + slots[:, None]) * D + dims[None, :]
+    return tl.load(ptrs, mask=tok_ok[:, None] & dim_ok[None, :], other=0.0)
+
+
+@triton.jit
+def decode_split_kernel(
+    q_ptr, q_seq_stride,
+    k0_ptr, k1_ptr, v0_ptr, v1_ptr, num_slots,  # factored: (head, token) factors; plain: (store, unused)
+    table_ptr, table_stride, first_ptr, pos_ptr, limit_ptr,
+    m_ptr, l_ptr, acc_ptr,  # partial results: [B, H, S], [B, H, S], [B, H, S, d] float32
+    scale, window, split_tokens,
+    H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, HEADS: tl.constexpr, HEADS_PAD: tl.constexpr,
+    D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr,
+    K_FACTORED: tl.constexpr, V_FACTORED: tl.constexpr, RK: tl.constexpr, RV: tl.constexpr,
+    CACHE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    head_prog, seq, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    S = tl.num_programs(2)
+    HG: tl.constexpr = H // G  # query heads per kv group
+
+    heads = head_prog * HEADS + tl.arange(0, HEADS_PAD)
+    head_ok = tl.arange(0, HEADS_PAD) < HEADS
+    groups = heads // HG  # the kv group of each query head (only read where head_ok)
+    group = head_prog * HEADS // HG  # a plain part's group: such programs hold the heads of one group
+    dims = tl.arange(0, D_PAD)
+    dim_ok = dims < D
+
+    # The keys this query sees, in the coordinates of its block table (column 0 = position first_key_pos):
+    # from the window's start (or the table's) up to its limit, inclusive.
+    first = tl.load(first_ptr + seq)
+    pos = tl.load(pos_ptr + seq)
+    hi = tl.load(limit_ptr + seq) - first + 1
+    lo = tl.zeros_like(hi)
+    if window > 0:
+        lo = tl.maximum(pos - window + 1 - first, 0)
+    start = lo + split * split_tokens
+    end = tl.minimum(hi, start + split_tokens)
+
+    q = _load_query(q_ptr, seq, heads, head_ok, dims, dim_ok, q_seq_stride, D).to(CACHE_DTYPE).to(DOT_DTYPE)
+    m = tl.full([HEADS_PAD], NEG, tl.float32)
+    l = tl.zeros([HEADS_PAD], tl.float32)
+    acc = tl.zeros([HEADS_PAD, D_PAD], tl.float32)
+    for t0 in range(start, end, BLOCK_T):  # an empty split runs no tile and writes (NEG, 0, 0)
+        t = t0 + tl.arange(0, BLOCK_T)
+        tok_ok = t < end
+        block = tl.load(table_ptr + seq * table_stride + t // BLOCK_SIZE, mask=tok_ok, other=0)
+        slots = block * BLOCK_SIZE + t % BLOCK_SIZE  # int64, as the table: no overflow on large caches
+
+        # scores [HEADS, BLOCK_T], float32
+        if K_FACTORED:
+            s = tl.zeros([HEADS_PAD, BLOCK_T], tl.float32)
+            for r in tl.static_range(RK):
+                b = _token_rows(k1_ptr, slots, tok_ok, dims, dim_ok, r, RK, D).to(DOT_DTYPE)
+                qb = tl.dot(q, tl.trans(b), input_precision=DOT_PRECISION)
+                s += qb * _head_factor(k0_ptr, slots, tok_ok, groups, head_ok, r, RK, G)
+        else:
+            k = _plain_rows(k0_ptr, group, num_slots, slots, tok_ok, dims, dim_ok, D).to(DOT_DTYPE)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        s = tl.where(tok_ok[None, :], s * scale, float("-inf"))
+
+        # online softmax: rescale what came before to the new running max
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m - m_new)
+        l = l * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        m = m_new
+
+        # values: acc += p V, V rank by rank from its factors (p a_v cast to the cache dtype, as the reference)
+        if V_FACTORED:
+            for r in tl.static_range(RV):
+                b = _token_rows(v1_ptr, slots, tok_ok, dims, dim_ok, r, RV, D).to(DOT_DTYPE)
+                pa = p * _head_factor(v0_ptr, slots, tok_ok, groups, head_ok, r, RV, G)
+                acc += tl.dot(pa.to(CACHE_DTYPE).to(DOT_DTYPE), b, input_precision=DOT_PRECISION)
+        else:
+            v = _plain_rows(v0_ptr, group, num_slots, slots, tok_ok, dims, dim_ok, D).to(DOT_DTYPE)
+            acc += tl.dot(p.to(CACHE_DTYPE).to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+
+    row = (seq * H + heads) * S + split  # [HEADS_PAD] index into [B, H, S]
+    tl.store(m_ptr + row, m, mask=head_ok)
+    tl.store(l_ptr + row, l, mask=head_ok)
+    tl.store(acc_ptr + row[:, None] * D + dims[None, :], acc, mask=head_ok[:, None] & dim_ok[None, :])
+
+
+@triton.jit
+def merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, out_seq_stride, S,
+                 H: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr, D_PAD: tl.constexpr):
+    """One (sequence, head): the splits' partial softmaxes merged to one output row."""
+    seq, head = tl.program_id(0), tl.program_id(1)
+    splits = tl.arange(0, S_PAD)
+    split_ok = splits < S
+    dims = tl.arange(0, D_PAD)
+    dim_ok = dims < D
+    row = (seq * H + head) * S + splits
+    m = tl.load(m_ptr + row, mask=split_ok, other=NEG)
+    l = tl.load(l_ptr + row, mask=split_ok, other=0.0)
+    acc = tl.load(acc_ptr + row[:, None] * D + dims[None, :], mask=split_ok[:, None] & dim_ok[None, :], other=0.0)
+    w = tl.exp(m - tl.max(m, axis=0))  # empty splits (m = NEG) weigh 0
+    total = tl.sum(w * l, axis=0)
+    out = tl.sum(w[:, None] * acc, axis=0) / tl.maximum(total, 1e-30)  # > 0: a query always sees itself
+    tl.store(out_ptr + seq * out_seq_stride + head * D + dims, out.to(out_ptr.dtype.element_ty), mask=dim_ok)
+
+
+TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def dot_dtype(dtype: torch.dtype):
+    """The operands' type in the kernels' products: the cache's (on a GPU, tensor cores multiply bf16/fp16
+    exactly and accumulate in float32). Triton's interpreter computes in numpy, which has no bfloat16 (its
+    bf16 arithmetic is wrong), so there bf16 operands are widened to float32 after rounding to bf16: the
+    same products, the same float32 accumulation."""
+    if dtype == torch.bfloat16 and interpreter_enabled():
+        return tl.float32
+    return TL_DTYPES[dtype]
+
+
+def pad(n: int) -> int:
+    """A power of two >= n and >= 16 (tl.arange needs a power of two, tl.dot at least 16)."""
+    return max(MIN_DOT, triton.next_power_of_2(n))
+
+
+class TritonBackend(ReferenceBackend):
+    """Decode on the Triton kernels above; writes and prefill chunks as the reference backend.
+
+    block_t: tokens per tile (a multiple of 16). split_tokens: tokens per split, fixed (tests), or None to
+    choose per step: enough splits that the launch fills the device (about programs_target programs), but
+    never splits shorter than min_split_tokens, where the merge would cost more than it spreads.
+    """
+
+    name = "triton"
+
+    def __init__(self, block_t: int = 64, split_tokens: int | None = None, min_split_tokens: int = 256,
+                 programs_target: int | None = None, **reference_args):
+        super().__init__(**reference_args)
+        if block_t % MIN_DOT:
+            raise ValueError(f"block_t must be a multiple of {MIN_DOT}, not {block_t}")
+        self.block_t, self.split_tokens, self.min_split_tokens = block_t, split_tokens, min_split_tokens
+        self.programs_target = programs_target
+
+    def decode(self, q: torch.Tensor, kv: LayerKV, pool: PoolMetadata, meta: AttentionMetadata, scale: float):
+        B, H, d = q.shape  # B decode sequences
+        spec = kv.spec
+        G = spec.kv_heads
+        q = q.contiguous()
+        # both parts factored: all heads in one program (token factors read once); else one kv group's heads
+        heads = H if spec.k_factored and spec.v_factored else H // G
+        head_programs = H // heads
+        # the longest visible key range, from the host copy of the tables (no device sync); a windowed pool's
+        # table holds only the window's blocks
+        max_tokens = pool.decode_blocks(B) * pool.block_size
+        split_tokens = self.choose_split(max_tokens, B * head_programs, q.device)
+        S = triton.cdiv(max_tokens, split_tokens)
+        m = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
+        l = torch.empty_like(m)
+        acc = torch.empty(B, H, S, d, dtype=torch.float32, device=q.device)
+        k0, k1 = kv.k if spec.k_factored else (kv.k[0], kv.k[0])
+        v0, v1 = kv.v if spec.v_factored else (kv.v[0], kv.v[0])
+        num_slots = kv.k[0].shape[0] if spec.k_factored else kv.k[0].shape[1]
+        table = pool.block_tables
+        decode_split_kernel[(head_programs, B, S)](
+            q, q.stride(0), k0, k1, v0, v1, num_slots,
+            table, table.stride(0), pool.first_key_pos, meta.positions, meta.limits,
+            m, l, acc, scale, pool.window or 0, split_tokens,
+            H=H, G=G, D=d, HEADS=heads, HEADS_PAD=pad(heads), D_PAD=pad(d), BLOCK_SIZE=pool.block_size,
+            BLOCK_T=self.block_t, K_FACTORED=spec.k_factored, V_FACTORED=spec.v_factored,
+            RK=spec.k_rank, RV=spec.v_rank, CACHE_DTYPE=TL_DTYPES[spec.dtype], DOT_DTYPE=dot_dtype(spec.dtype),
+            DOT_PRECISION="ieee" if spec.dtype == torch.float32 else None,  # ieee: no tf32 rounding in fp32
+            num_warps=8 if d >= 256 else 4,  # head_dim 256: a [64, 256] tile of factors per rank, spread wider
+        )
+        out = torch.empty_like(q)
+        merge_kernel[(B, H)](m, l, acc, out, out.stride(0), S, H=H, D=d, S_PAD=triton.next_power_of_2(S),
+                             D_PAD=pad(d))
+        return out
+
+    def choose_split(self, max_tokens: int, programs: int, device: torch.device) -> int:
+        """Tokens per split, a multiple of the tile: fixed, or enough splits to fill the device."""
+        if self.split_tokens is not None:
+            return triton.cdiv(max(1, self.split_tokens), self.block_t) * self.block_t
+        target = self.programs_target or device_programs(device)
+        splits = max(1, min(triton.cdiv(target, programs), triton.cdiv(max_tokens, self.min_split_tokens)))
+        return triton.cdiv(triton.cdiv(max_tokens, splits), self.block_t) * self.block_t
+
+
+@functools.lru_cache
+def device_programs(device: torch.device) -> int:
+    """Programs that keep a GPU busy: four per streaming multiprocessor (the split count aims at it)."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 8  # the interpreter on a CPU: any small number exercises the splits
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
