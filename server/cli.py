@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from tpa_model.backends import BACKENDS, make_backend
 from tpa_model.checkpoint import CheckpointError
 from tpa_model.cli import add_model_args, resolve_dtype
 from tpa_model.hf_tokenizer import load_tokenizer
@@ -112,6 +113,9 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-memory", type=float, default=None,
                    help="KV cache size in GiB (default: 90%% of free GPU memory; 1 GiB on CPU)")
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--attention-backend", default="auto", choices=BACKENDS,
+                   help="decode attention: triton kernels (CUDA) or the PyTorch reference (default: auto, triton "
+                        "on CUDA when it imports)")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--max-waiting", type=int, default=1024, help="queued sequences before answering 503")
     p.add_argument("--api-key", default=os.environ.get("TPA_API_KEY"),
@@ -160,6 +164,10 @@ def check_serve_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         parser.error(f"--device: {e}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: this machine has no CUDA device")
+    try:
+        make_backend(args.attention_backend, device)
+    except ValueError as e:
+        parser.error(f"--attention-backend {args.attention_backend}: {e}")
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -254,6 +262,7 @@ def build_server(args: argparse.Namespace):
         block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         cache_memory_gib=args.cache_memory, prefix_caching=not args.no_prefix_caching,
+        attention_backend=args.attention_backend,
     )
     engine = LLMEngine(model, tokenizer, config)
     async_engine = AsyncEngine(engine, max_waiting=args.max_waiting)

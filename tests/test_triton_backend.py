@@ -159,6 +159,19 @@ def test_backend_choice():
         make_backend("flash", DEVICE)
 
 
+@pytest.mark.skipif(CUDA, reason="checks the refusal on a machine without CUDA")
+def test_serve_refuses_triton_on_cpu_outside_the_interpreter(monkeypatch, capsys):
+    """tpa-serve --attention-backend triton on a CPU: exit 2 before the model loads, saying why."""
+    from server.cli import check_serve_args, serve_parser
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    parser = serve_parser()
+    check_serve_args(parser, parser.parse_args(["--attention-backend", "reference"]))
+    with pytest.raises(SystemExit) as exit_:
+        check_serve_args(parser, parser.parse_args(["--attention-backend", "triton"]))
+    assert exit_.value.code == 2 and "runs on CUDA" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("ranks", [None, 1], ids=["standard", "factors k1 v1"])
 def test_engine_greedy_tokens_equal_reference(tmp_path, ranks):
     """The demo model (5 sliding layers, window 16, 2 kv heads) through the engine, prompts long enough to
