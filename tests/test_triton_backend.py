@@ -255,3 +255,21 @@ def test_gpu_real_models_greedy_equal_cpu(name):
     gpu = load_model(path, dtype=torch.bfloat16, device="cuda")
     expected = greedy_tokens(cpu, tokenizer, prompts, "reference", 16)
     assert greedy_tokens(gpu, tokenizer, prompts, "triton", 16) == expected
+
+
+def test_gpu_benchmark_refuses_without_cuda_and_runs_its_smoke_check(capsys):
+    """bench/gpu/decode_attention.py: exit 2 with the reason on a machine without CUDA; --smoke runs every
+    side once on tiny shapes in the interpreter (checks the script, measures nothing)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench/gpu/decode_attention.py"
+    spec = importlib.util.spec_from_file_location("decode_attention_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    if not CUDA:
+        assert bench.main([]) == 2
+        assert "needs a CUDA device" in capsys.readouterr().err
+    assert bench.main(["--smoke"]) == 0
+    table = capsys.readouterr().out
+    assert "standard" in table and "k1 v1" in table
