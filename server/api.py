@@ -25,6 +25,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException
 
 from tpa_model.prompts import PromptInputs
@@ -37,14 +38,21 @@ from .images import ImageLimits, ImageLoader
 from .metrics import Metrics
 from .middleware import GuardSettings, HTTPGuard, install_log_record_factory
 from .protocol import (
+    MAX_N,
     UNSUPPORTED_COMPLETION_FIELDS,
     UNSUPPORTED_FIELDS,
     APIError,
+    ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatCompletionResponse,
     ChatMessage,
+    CompletionChunk,
     CompletionRequest,
+    CompletionResponse,
     ContentPart,
     ErrorResponse,
+    Health,
+    ModelList,
     SamplingRequest,
     legacy_logprobs,
     logprobs_content,
@@ -56,7 +64,6 @@ from .protocol import (
 
 logger = logging.getLogger("gemma_tpa.api")
 
-MAX_N = 128  # samples per request: more would let one request crowd out every other
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy may buffer the stream
 
 
@@ -709,12 +716,17 @@ ERROR_DESCRIPTIONS = {
     503: "the waiting queue is full (see Retry-After), or the engine is not running",
 }
 GENERATION_ERRORS = error_responses(400, 401, 404, 408, 413, 500, 503)
-GENERATION_OK = {200: {"description": "the completion as JSON, or with `stream` as server-sent events",
-                       "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}}}}
+
+
+def generation_ok(model: type) -> dict[int | str, dict]:
+    """The 200 of a generation route: `model` as JSON, or with `stream` server-sent events."""
+    return {200: {"model": model, "description": "the completion as JSON, or with `stream` as server-sent events",
+                  "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
 
 
 def openapi_schema(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's document without the 422 it declares for every body: this server answers 400 instead."""
+    """FastAPI's document without the 422 it declares for every body (this server answers 400 instead), and
+    with the events of the streamed answers described."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
         for operations in schema["paths"].values():
@@ -722,15 +734,34 @@ def openapi_schema(app: FastAPI) -> dict[str, Any]:
                 operation["responses"].pop("422", None)
         for name in ("HTTPValidationError", "ValidationError"):
             schema.get("components", {}).get("schemas", {}).pop(name, None)
+        describe_events(schema)
         app.openapi_schema = schema
     return app.openapi_schema
+
+
+STREAM_CHUNKS = {"/v1/chat/completions": ChatCompletionChunk, "/v1/completions": CompletionChunk}
+
+
+def describe_events(schema: dict[str, Any]) -> None:
+    """Each server-sent event of a streamed answer: `data:` holds a chunk as JSON, an error in OpenAI's shape
+    (an error after the 200 was sent), or the closing `[DONE]`."""
+    _, defs = models_json_schema([(model, "serialization") for model in STREAM_CHUNKS.values()],
+                                 ref_template="#/components/schemas/{model}")
+    schema["components"]["schemas"].update(defs["$defs"])
+    for path, model in STREAM_CHUNKS.items():
+        payload = {"anyOf": [{"$ref": f"#/components/schemas/{model.__name__}"},
+                             {"$ref": "#/components/schemas/ErrorResponse"}]}
+        data = {"anyOf": [{"type": "string", "const": "[DONE]"},
+                          {"type": "string", "contentMediaType": "application/json", "contentSchema": payload}]}
+        event = {"type": "object", "required": ["data"], "properties": {"data": data}}
+        schema["paths"][path]["post"]["responses"]["200"]["content"]["text/event-stream"]["schema"] = event
 
 
 def add_routes(app: FastAPI, serving: OpenAIServingChat, completion: OpenAIServingCompletion) -> None:
     """Thin routes: FastAPI reads each signature to parse the request, so they stay plain functions."""
 
-    @app.get("/health", responses={503: {"description": "the engine is not running",
-                                         "content": {"application/json": {}}}})
+    @app.get("/health", responses={200: {"model": Health, "description": "the engine runs"},
+                                   503: {"model": Health, "description": "the engine is not running"}})
     async def health():
         return serving.health()
 
@@ -740,15 +771,16 @@ def add_routes(app: FastAPI, serving: OpenAIServingChat, completion: OpenAIServi
     async def prometheus():
         return serving.prometheus()
 
-    @app.get("/v1/models", responses=error_responses(401))
+    @app.get("/v1/models", responses={200: {"model": ModelList, "description": "the served model"},
+                                      **error_responses(401)})
     async def models():
         return serving.show_models()
 
-    @app.post("/v1/chat/completions", responses={**GENERATION_OK, **GENERATION_ERRORS})
+    @app.post("/v1/chat/completions", responses={**generation_ok(ChatCompletionResponse), **GENERATION_ERRORS})
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         return await serving.create_chat_completion(req, request)
 
-    @app.post("/v1/completions", responses={**GENERATION_OK, **GENERATION_ERRORS})
+    @app.post("/v1/completions", responses={**generation_ok(CompletionResponse), **GENERATION_ERRORS})
     async def completions(req: CompletionRequest, request: Request):
         return await completion.create_completion(req, request)
 

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, field_validator
+
+from tpa_model.sampling import MAX_LOGPROBS, MAX_REPETITION_PENALTY, MAX_STOP_SEQUENCES, MIN_REPETITION_PENALTY
+
+MAX_N = 128  # samples per request: more would let one request crowd out every other
 
 
 class APIError(Exception):
@@ -37,54 +41,108 @@ class ErrorResponse(BaseModel):
 
 
 class ImageURL(BaseModel):
+    model_config = ConfigDict(strict=True)
     url: str
     detail: str | None = None
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     type: Literal["text", "image_url"]
     text: str | None = None
     image_url: ImageURL | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
 
 
+# -- what the OpenAPI document says of the fields' values ----------------------------------------------------
+#
+# The ranges below are checked by SamplingParams.validate and the routes (with messages that name the field),
+# not by pydantic; they are written into the document so that it says which values the server accepts.
+
+
+def bounds(**limits):
+    """json_schema_extra that puts `limits` (minimum, maximum, ...) on a field's numbers: the field itself, the
+    items of a list, or the non-null branch of an optional one."""
+    def extra(schema: dict[str, Any]) -> None:
+        for branch in schema.get("anyOf", [schema]):
+            target = branch.get("items", branch) if branch.get("type") == "array" else branch
+            if target.get("type") in ("integer", "number"):
+                target.update(limits)
+    return extra
+
+
+def stop_schema(schema: dict[str, Any]) -> None:
+    """Stop sequences are non-empty strings, at most MAX_STOP_SEQUENCES of them."""
+    for branch in schema["anyOf"]:
+        if branch.get("type") == "string":
+            branch["minLength"] = 1
+        elif branch.get("type") == "array":
+            branch.update(maxItems=MAX_STOP_SEQUENCES, items={"type": "string", "minLength": 1})
+
+
+def prompt_schema(schema: dict[str, Any]) -> None:
+    """Lists of prompts, and of token ids, are not empty; token ids are not negative."""
+    for branch in schema["anyOf"]:
+        if branch.get("type") == "array":
+            branch["minItems"] = 1
+            items = branch["items"]
+            if items.get("type") == "array":
+                items["minItems"] = 1
+                items = items["items"]
+            if items.get("type") == "integer":
+                items["minimum"] = 0
+
+
+def json_int(value: Any) -> Any:
+    """JSON has one number type: 2.0 is the integer 2 (as JSON Schema's "integer" says), while true is not a
+    number at all. Integral floats become ints; anything else goes on to pydantic's strict int check."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+JSONInt = Annotated[StrictInt, BeforeValidator(json_int)]  # 2 and 2.0, never true or 2.5
+
+
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
     include_usage: bool = False
 
 
 class SamplingRequest(BaseModel):
     """What chat and text completions share: the model, the sampling options, streaming and vLLM's extras.
 
-    Unknown fields are ignored; fields we cannot honour are refused by the route.
+    Unknown fields are ignored; fields we cannot honour are refused by the route. Types are strict, as the
+    OpenAPI document states them: "true" or 1 is not a boolean, "5" not a number (but 5.0 is the integer 5).
     """
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     prompt_param: ClassVar[str]  # the field that holds the prompt, for errors about its length
     model: str
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int = 1
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    max_tokens: JSONInt | None = Field(None, json_schema_extra=bounds(minimum=1))
+    temperature: float | None = Field(None, json_schema_extra=bounds(minimum=0, maximum=2))
+    top_p: float | None = Field(None, json_schema_extra=bounds(exclusiveMinimum=0, maximum=1))
+    n: JSONInt = Field(1, json_schema_extra=bounds(minimum=1, maximum=MAX_N))
+    seed: JSONInt | None = Field(None, json_schema_extra=bounds(minimum=-(2**63), maximum=2**63 - 1))
+    stop: str | list[str] | None = Field(None, json_schema_extra=stop_schema)
+    presence_penalty: float = Field(0.0, json_schema_extra=bounds(minimum=-2, maximum=2))
+    frequency_penalty: float = Field(0.0, json_schema_extra=bounds(minimum=-2, maximum=2))
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     # extras that vLLM-style clients send through extra_body
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
+    top_k: JSONInt | None = Field(None, json_schema_extra=bounds(minimum=-1))
+    min_p: float | None = Field(None, json_schema_extra=bounds(minimum=0, maximum=1))
+    repetition_penalty: float | None = Field(
+        None, json_schema_extra=bounds(minimum=MIN_REPETITION_PENALTY, maximum=MAX_REPETITION_PENALTY))
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[JSONInt] | None = Field(None, json_schema_extra=bounds(minimum=0))
     skip_special_tokens: bool = True
 
     def token_limit(self) -> tuple[str, int | None]:
@@ -105,9 +163,9 @@ class ChatCompletionRequest(SamplingRequest):
 
     prompt_param: ClassVar[str] = "messages"
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
+    max_completion_tokens: JSONInt | None = Field(None, json_schema_extra=bounds(minimum=1))
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: JSONInt | None = Field(None, json_schema_extra=bounds(minimum=0, maximum=MAX_LOGPROBS))
 
     def token_limit(self) -> tuple[str, int | None]:
         """OpenAI's newer max_completion_tokens wins over max_tokens when both are set."""
@@ -131,16 +189,19 @@ class CompletionRequest(SamplingRequest):
     """
 
     prompt_param: ClassVar[str] = "prompt"
-    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
-    max_tokens: int | None = 16  # OpenAI's default for this endpoint; null means up to the context length
-    logprobs: StrictInt | None = None
+    prompt: str | list[str] | list[JSONInt] | list[list[JSONInt]] = Field(json_schema_extra=prompt_schema)
+    # OpenAI's default for this endpoint; null means up to the context length
+    max_tokens: JSONInt | None = Field(16, json_schema_extra=bounds(minimum=1))
+    logprobs: JSONInt | None = Field(None, json_schema_extra=bounds(minimum=0, maximum=MAX_LOGPROBS))
     echo: bool = False
-    best_of: int | None = None
+    best_of: JSONInt | None = None
 
     @field_validator("prompt", mode="before")
     @classmethod
     def check_prompt(cls, value: Any) -> Any:
         """One clear message for every wrong shape, instead of pydantic's error for each branch of the union."""
+        if isinstance(value, list):  # token ids written as 2.0 are ids too
+            value = [[json_int(t) for t in p] if isinstance(p, list) else json_int(p) for p in value]
         if isinstance(value, str) or (isinstance(value, list) and value and (
                 all(isinstance(p, str) for p in value) or all(is_token_id(t) for t in value)
                 or all(isinstance(p, list) and p and all(is_token_id(t) for t in p) for p in value))):
@@ -159,6 +220,136 @@ class CompletionRequest(SamplingRequest):
     def text_lengths(self) -> list[int]:
         """Each prompt of a batch is tokenized on its own."""
         return [len(p) for p in self.prompts() if isinstance(p, str)]
+
+
+# -- responses, for the OpenAPI document (the routes build them as dicts; tests/test_fuzz.py checks they match) --
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: dict[str, int]
+
+
+class TokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ContentLogprob(TokenLogprob):
+    top_logprobs: list[TokenLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ContentLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: str
+
+
+class ChatCompletionResponse(BaseModel):
+    """A whole chat completion (with `stream`, the answer is server-sent events instead)."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: str
+
+
+class CompletionResponse(BaseModel):
+    """A whole text completion (with `stream`, the answer is server-sent events instead)."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ChunkDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int
+    delta: ChunkDelta
+    logprobs: ChatLogprobs | None
+    finish_reason: str | None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a streamed chat completion; the last, with include_usage, has no choices."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChunkChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: str | None
+
+
+class CompletionChunk(BaseModel):
+    """One server-sent event of a streamed text completion."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "dead"]
 
 
 def message_chars(m: ChatMessage) -> int:
