@@ -90,13 +90,11 @@ class HTTPGuard:
         try:
             await self.app(scope, BodyReader(receive, self.settings).receive, sender.send)
         except asyncio.CancelledError:  # uvicorn's graceful-shutdown timeout ran out while we answered
-            if not sender.started:
-                await sender.error(503, error_body("the server is shutting down", "server_error", "shutting_down"))
+            await sender.fail(503, error_body("the server is shutting down", "server_error", "shutting_down"))
             raise
         except Exception:
             log.exception("error while answering %s %s", scope["method"], scope["path"])
-            if not sender.started:
-                await sender.error(500, error_body("internal server error", "server_error", "internal_error"))
+            await sender.fail(500, error_body("internal server error", "server_error", "internal_error"))
 
     def refusal(self, scope: Scope) -> tuple[int, bytes] | None:
         """(status, body) of an answer given before the app sees the request, or None."""
@@ -149,18 +147,31 @@ def too_large(limit: int) -> bytes:
 
 
 class Sender:
-    """`send` for one request: adds X-Request-ID to the response and remembers whether it has started."""
+    """`send` for one request: adds X-Request-ID to the response and remembers whether it has started, whether
+    it is a stream of server-sent events, and whether its body is complete."""
 
     def __init__(self, send: Send, rid: str):
         self.inner, self.rid = send, rid
-        self.started = False
+        self.started = self.streaming_events = self.finished = False
 
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.started = True
             headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+            self.streaming_events = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream")
+                                        for k, v in headers)
             message = {**message, "headers": [*headers, (b"x-request-id", self.rid.encode())]}
+        elif message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.finished = True
         await self.inner(message)
+
+    async def fail(self, status: int, body: bytes) -> None:
+        """The answer to a request the app could not finish: an error response if none has started; an error
+        event that ends the stream (OpenAI's way) if a stream of events has, rather than cutting it silently."""
+        if not self.started:
+            await self.error(status, body)
+        elif self.streaming_events and not self.finished:
+            await self.send({"type": "http.response.body", "body": b"data: " + body + b"\n\n", "more_body": False})
 
     async def error(self, status: int, body: bytes) -> None:
         """An error answered here rather than by the app; the connection is closed, since the request's body

@@ -208,6 +208,31 @@ def test_drain_past_the_grace_period_is_json_503():
     assert error["code"] == "shutting_down"
 
 
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", chat_body("go on", max_tokens=3000, ignore_eos=True, stream=True)),
+    ("/v1/completions", {"model": MODEL, "prompt": "go on", "max_tokens": 3000, "ignore_eos": True, "stream": True}),
+])
+def test_drain_past_the_grace_period_ends_streams_with_an_error_event(path, body):
+    """A stream still open when --graceful-timeout runs out ends with an error event in OpenAI's shape (code
+    shutting_down) and no [DONE], instead of being cut silently; its request is aborted."""
+    server = LiveServer(["--cache-memory", "0.02", "--graceful-timeout", "0.5"])
+    events = []
+    with httpx.stream("POST", server.url + path, json=body, timeout=30) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()  # kept referenced: a collected iterator closes the connection
+        events.append(next(lines))
+        stopper = threading.Thread(target=server.stop)
+        stopper.start()
+        events.extend(line for line in lines if line)
+    stopper.join(timeout=30)
+    assert not stopper.is_alive()
+    last = json.loads(events[-1].removeprefix("data: "))
+    assert set(last) == {"error"} and set(last["error"]) == {"message", "type", "param", "code"}
+    assert last["error"]["code"] == "shutting_down" and last["error"]["type"] == "server_error"
+    assert "data: [DONE]" not in events and len(events) > 2  # tokens came, then the error
+    assert server.engine.stats().num_running == 0
+
+
 # -- 4. limits ---------------------------------------------------------------------------------------------------
 
 
