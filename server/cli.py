@@ -158,6 +158,9 @@ def check_serve_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
             parser.error(f"--{name.replace('_', '-')} must be {what}, got {value}")
     if args.served_model_name is not None and not args.served_model_name.strip():
         parser.error("--served-model-name must not be empty")
+    if args.max_concurrent_image_fetches < args.max_images_per_request:  # else the largest request never fits
+        parser.error(f"--max-concurrent-image-fetches ({args.max_concurrent_image_fetches}) must be at least "
+                     f"--max-images-per-request ({args.max_images_per_request})")
     try:
         device = torch.device(args.device)
     except RuntimeError as e:
@@ -242,19 +245,11 @@ def positive(kind):
     return parse
 
 
-def check_image_args(args: argparse.Namespace) -> None:
-    """A request with the most images allowed must fit the fetch limit, or it could never be served."""
-    if args.max_concurrent_image_fetches < args.max_images_per_request:
-        raise ValueError(f"--max-concurrent-image-fetches ({args.max_concurrent_image_fetches}) must be at least "
-                         f"--max-images-per-request ({args.max_images_per_request})")
-
-
 def build_server(args: argparse.Namespace):
     """(FastAPI app, AsyncEngine) from parsed tpa-serve arguments."""
     from .api import ServerSettings, create_app
     from .engine.async_engine import AsyncEngine
 
-    check_image_args(args)
     path = resolve_model(args.model)
     model = load_model(path, k_rank=args.k_rank, v_rank=args.v_rank, dtype=resolve_dtype(args), device=args.device)
     tokenizer = load_tokenizer(path)

@@ -590,10 +590,14 @@ def test_image_flags_must_be_positive_numbers(flag, value, capsys):
     assert info.value.code == 2 and flag in capsys.readouterr().err
 
 
-def test_fetch_limit_must_hold_a_full_request():
-    """Else a request with the most images allowed could never be served: refused before the model loads."""
-    from server.cli import build_server, serve_parser
+def test_fetch_limit_must_hold_a_full_request(tmp_path, capsys):
+    """Else a request with the most images allowed could never be served: refused like every other bad flag,
+    before the model loads (a missing model would be status 1), with one line and status 2."""
+    from server.cli import serve_main
 
-    args = serve_parser().parse_args(["--model", "/nonexistent", "--max-images-per-request", "40"])
-    with pytest.raises(ValueError, match="--max-concurrent-image-fetches"):
-        build_server(args)
+    with pytest.raises(SystemExit) as info:
+        serve_main(["--model", str(tmp_path / "missing"), "--max-images-per-request", "40"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("tpa-serve: error: --max-concurrent-image-fetches (32) must be at least "
+                       "--max-images-per-request (40)")
