@@ -311,12 +311,28 @@ def test_sigterm_lets_running_requests_finish(tmp_path):
 
 
 def test_full_queue_is_503_with_retry_after():
-    server = LiveServer(["--cache-memory", "0.02", "--max-waiting", "0"])
+    """One seat and room for one waiting sequence: a long stream takes the seat, a second request waits, and a
+    third finds the queue full."""
+    server = LiveServer(["--cache-memory", "0.02", "--max-num-seqs", "1", "--max-waiting", "1"])
+    chat_body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    waiting = {}
     try:
-        r = httpx.post(server.url + "/v1/chat/completions", timeout=30,
-                       json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
-        assert r.status_code == 503 and r.headers["retry-after"] == "1"
-        assert r.json()["error"]["code"] == "queue_full"
+        long = {**chat_body, "max_tokens": 3000, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=long, timeout=30) as stream:
+            lines = stream.iter_lines()
+            next(lines)
+            second = threading.Thread(target=lambda: waiting.update(r=httpx.post(
+                server.url + "/v1/chat/completions", json=chat_body, timeout=30)))
+            second.start()
+            deadline = time.time() + 10
+            while server.engine.stats().num_waiting < 1:
+                assert time.time() < deadline, "the second request never waited"
+                time.sleep(0.01)
+            r = httpx.post(server.url + "/v1/chat/completions", json=chat_body, timeout=30)
+            assert r.status_code == 503 and r.headers["retry-after"] == "1"
+            assert r.json()["error"]["code"] == "queue_full"
+        second.join(timeout=30)
+        assert waiting["r"].status_code == 200  # the waiting one ran once the stream was gone
         assert server.idle()
     finally:
         server.stop()
