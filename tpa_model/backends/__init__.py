@@ -68,7 +68,10 @@ BACKENDS = ("auto", "reference", "triton")
 
 
 def default_backend(device: torch.device | str) -> AttentionBackend:
-    return make_backend("auto", device)
+    """The contiguous path's backend (model(input_ids), generate(), conversion, healing): the reference on
+    every device. It is differentiable, which healing needs; the Triton kernels are not. The engine picks
+    its own with make_backend."""
+    return make_backend("reference", device)
 
 
 def make_backend(name: str, device: torch.device | str) -> AttentionBackend:
