@@ -44,7 +44,7 @@ from ..kv_cache import LayerKV
 from ..metadata import AttentionMetadata, PoolMetadata
 from .reference import ReferenceBackend
 
-NEG = -1e30  # running-max floor: an empty tile or split then weighs exp(NEG - m) = 0, never NaN
+NEG = tl.constexpr(-1e30)  # running-max floor: an empty tile or split then weighs exp(NEG - m) = 0, never NaN
 MIN_DOT = 16  # tl.dot on a GPU needs every dimension >= 16: heads, tokens and head_dim are padded to it
 
 
@@ -105,7 +105,7 @@ def decode_split_kernel(
     first = tl.load(first_ptr + seq)
     pos = tl.load(pos_ptr + seq)
     hi = tl.load(limit_ptr + seq) - first + 1
-    lo = tl.zeros_like(hi)
+    lo = hi * 0  # no window: from the first column
     if window > 0:
         lo = tl.maximum(pos - window + 1 - first, 0)
     start = lo + split * split_tokens
@@ -197,17 +197,20 @@ def pad(n: int) -> int:
 class TritonBackend(ReferenceBackend):
     """Decode on the Triton kernels above; writes and prefill chunks as the reference backend.
 
-    block_t: tokens per tile (a multiple of 16). split_tokens: tokens per split, fixed (tests), or None to
-    choose per step: enough splits that the launch fills the device (about programs_target programs), but
-    never splits shorter than min_split_tokens, where the merge would cost more than it spreads.
+    block_t: tokens per tile (a multiple of 16), or None: 32 on plain layouts, 16 when a part is factored.
+    Those and 8 warps are the choices that ptxas compiles for sm_90 at the 12b and 27b shapes with no (plain)
+    or almost no (factors) register spills; they are not tuned on a GPU yet. split_tokens: tokens per split,
+    fixed (tests), or None to choose per step: enough splits that the launch fills the device (about
+    programs_target programs), but never splits shorter than min_split_tokens, where the merge would cost
+    more than it spreads.
     """
 
     name = "triton"
 
-    def __init__(self, block_t: int = 64, split_tokens: int | None = None, min_split_tokens: int = 256,
+    def __init__(self, block_t: int | None = None, split_tokens: int | None = None, min_split_tokens: int = 256,
                  programs_target: int | None = None, **reference_args):
         super().__init__(**reference_args)
-        if block_t % MIN_DOT:
+        if block_t is not None and block_t % MIN_DOT:
             raise ValueError(f"block_t must be a multiple of {MIN_DOT}, not {block_t}")
         self.block_t, self.split_tokens, self.min_split_tokens = block_t, split_tokens, min_split_tokens
         self.programs_target = programs_target
@@ -215,15 +218,13 @@ class TritonBackend(ReferenceBackend):
     def decode(self, q: torch.Tensor, kv: LayerKV, pool: PoolMetadata, meta: AttentionMetadata, scale: float):
         B, H, d = q.shape  # B decode sequences
         spec = kv.spec
-        G = spec.kv_heads
         q = q.contiguous()
-        # both parts factored: all heads in one program (token factors read once); else one kv group's heads
-        heads = H if spec.k_factored and spec.v_factored else H // G
-        head_programs = H // heads
+        config = self.kernel_config(spec, H, pool.block_size)
+        head_programs = H // config["HEADS"]
         # the longest visible key range, from the host copy of the tables (no device sync); a windowed pool's
         # table holds only the window's blocks
         max_tokens = pool.decode_blocks(B) * pool.block_size
-        split_tokens = self.choose_split(max_tokens, B * head_programs, q.device)
+        split_tokens = self.choose_split(max_tokens, B * head_programs, q.device, config["BLOCK_T"])
         S = triton.cdiv(max_tokens, split_tokens)
         m = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
         l = torch.empty_like(m)
@@ -235,25 +236,33 @@ class TritonBackend(ReferenceBackend):
         decode_split_kernel[(head_programs, B, S)](
             q, q.stride(0), k0, k1, v0, v1, num_slots,
             table, table.stride(0), pool.first_key_pos, meta.positions, meta.limits,
-            m, l, acc, scale, pool.window or 0, split_tokens,
-            H=H, G=G, D=d, HEADS=heads, HEADS_PAD=pad(heads), D_PAD=pad(d), BLOCK_SIZE=pool.block_size,
-            BLOCK_T=self.block_t, K_FACTORED=spec.k_factored, V_FACTORED=spec.v_factored,
-            RK=spec.k_rank, RV=spec.v_rank, CACHE_DTYPE=TL_DTYPES[spec.dtype], DOT_DTYPE=dot_dtype(spec.dtype),
-            DOT_PRECISION="ieee" if spec.dtype == torch.float32 else None,  # ieee: no tf32 rounding in fp32
-            num_warps=8 if d >= 256 else 4,  # head_dim 256: a [64, 256] tile of factors per rank, spread wider
+            m, l, acc, scale, pool.window or 0, split_tokens, **config, num_warps=8,
         )
         out = torch.empty_like(q)
         merge_kernel[(B, H)](m, l, acc, out, out.stride(0), S, H=H, D=d, S_PAD=triton.next_power_of_2(S),
                              D_PAD=pad(d))
         return out
 
-    def choose_split(self, max_tokens: int, programs: int, device: torch.device) -> int:
+    def kernel_config(self, spec, H: int, block_size: int) -> dict:
+        """The split kernel's compile-time parameters for a layer's cache spec and H query heads."""
+        G, d = spec.kv_heads, spec.head_dim
+        both = spec.k_factored and spec.v_factored
+        # both parts factored: all heads in one program (token factors read once); else one kv group's heads
+        heads = H if both else H // G
+        block_t = self.block_t or (16 if spec.k_factored or spec.v_factored else 32)
+        return dict(H=H, G=G, D=d, HEADS=heads, HEADS_PAD=pad(heads), D_PAD=pad(d), BLOCK_SIZE=block_size,
+                    BLOCK_T=block_t, K_FACTORED=spec.k_factored, V_FACTORED=spec.v_factored,
+                    RK=spec.k_rank, RV=spec.v_rank, CACHE_DTYPE=TL_DTYPES[spec.dtype],
+                    DOT_DTYPE=dot_dtype(spec.dtype),
+                    DOT_PRECISION="ieee" if spec.dtype == torch.float32 else None)  # ieee: no tf32 in fp32
+
+    def choose_split(self, max_tokens: int, programs: int, device: torch.device, block_t: int) -> int:
         """Tokens per split, a multiple of the tile: fixed, or enough splits to fill the device."""
         if self.split_tokens is not None:
-            return triton.cdiv(max(1, self.split_tokens), self.block_t) * self.block_t
+            return triton.cdiv(max(1, self.split_tokens), block_t) * block_t
         target = self.programs_target or device_programs(device)
         splits = max(1, min(triton.cdiv(target, programs), triton.cdiv(max_tokens, self.min_split_tokens)))
-        return triton.cdiv(triton.cdiv(max_tokens, splits), self.block_t) * self.block_t
+        return triton.cdiv(triton.cdiv(max_tokens, splits), block_t) * block_t
 
 
 @functools.lru_cache
