@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-layer-from", type=Path, nargs="*", default=[],
                         help="TPA checkpoints whose ranks per layer (chosen by tpa-convert --cache-budget) to measure "
                              "with the attention-aware basis")
-    parser.add_argument("--healed", type=Path, nargs="*", default=[], help="healed TPA checkpoints to add, each labelled by its directory's name")
+    parser.add_argument("--healed", type=Path, nargs="*", default=[],
+                        help="healed TPA checkpoints to add, each labelled by its directory's name")
     parser.add_argument("--only", nargs="*", default=None, help="measure only these variants (names as printed)")
     parser.add_argument("--calibration-tokens", type=int, default=2048)
     parser.add_argument("--out", type=Path, default=None, help="default: bench/results/quality/<model>")
