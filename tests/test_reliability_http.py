@@ -404,13 +404,18 @@ def test_request_id_is_echoed_only_when_sane(live):
 
 def test_request_id_is_in_the_log_lines(live, caplog):
     caplog.set_level(logging.INFO)
-    logging.getLogger("uvicorn.access").setLevel(logging.INFO)
+    access = logging.getLogger("uvicorn.access")
+    # uvicorn's logging config (applied by any server started earlier in the session) stops uvicorn.access
+    # from propagating to the root logger, where caplog listens: listen on the logger itself
+    access.setLevel(logging.INFO)
+    access.addHandler(caplog.handler)
     try:
         client = openai.OpenAI(base_url=live.url + "/v1", api_key="x", max_retries=0)
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
                                        extra_headers={"X-Request-ID": "trace-42"})
     finally:
-        logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+        access.removeHandler(caplog.handler)
+        access.setLevel(logging.WARNING)
     lines = [r for r in caplog.records if getattr(r, "request_id", None) == "trace-42"]
     assert any("/v1/chat/completions" in r.getMessage() for r in lines), [r.getMessage() for r in caplog.records]
 
