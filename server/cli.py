@@ -111,7 +111,10 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
     p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output (default: model's)")
     p.add_argument("--cache-memory", type=float, default=None,
-                   help="KV cache size in GiB (default: 90%% of free GPU memory; 1 GiB on CPU)")
+                   help="KV cache size in GiB (default on CUDA: what --gpu-memory-utilization leaves after the "
+                        "weights and a warm-up step's activations; 1 GiB on CPU)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of the GPU's total memory for weights, activations and KV cache (default 0.9)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--attention-backend", default="auto", choices=BACKENDS,
                    help="decode attention: triton kernels (CUDA) or the PyTorch reference (default: auto, triton "
@@ -143,6 +146,7 @@ SERVE_LIMITS = [
     ("max_num_batched_tokens", lambda v: v >= 1, "at least 1"),
     ("max_model_len", lambda v: v >= 2, "at least 2 (one prompt token and one generated token)"),
     ("cache_memory", lambda v: 0 < v < math.inf, "a positive number of GiB"),
+    ("gpu_memory_utilization", lambda v: 0 < v <= 1, "above 0 and at most 1"),
     ("block_size", lambda v: 1 <= v <= 1024, "from 1 to 1024 tokens"),
     ("max_waiting", lambda v: v >= 1, "at least 1"),
     ("graceful_timeout", lambda v: 0 <= v < math.inf, "a finite number of seconds, 0 or more"),
@@ -257,7 +261,7 @@ def build_server(args: argparse.Namespace):
         block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         cache_memory_gib=args.cache_memory, prefix_caching=not args.no_prefix_caching,
-        attention_backend=args.attention_backend,
+        attention_backend=args.attention_backend, gpu_memory_utilization=args.gpu_memory_utilization,
     )
     engine = LLMEngine(model, tokenizer, config)
     async_engine = AsyncEngine(engine, max_waiting=args.max_waiting)

@@ -410,7 +410,8 @@ def test_a_client_that_stops_reading_is_disconnected(live):
     ["--max-num-seqs", "0"], ["--max-num-batched-tokens", "0"], ["--max-waiting", "0"], ["--max-model-len", "0"],
     ["--cache-memory", "0"], ["--cache-memory", "nan"], ["--graceful-timeout", "-1"], ["--block-size", "0"],
     ["--max-num-seqs", "-3"], ["--port", "70000"], ["--stream-timeout", "0"], ["--log-level", "loud"],
-    ["--served-model-name", " "], ["--device", "nonsense"],
+    ["--served-model-name", " "], ["--device", "nonsense"], ["--gpu-memory-utilization", "0"],
+    ["--gpu-memory-utilization", "1.5"], ["--gpu-memory-utilization", "nan"],
 ])
 def test_bad_flags_are_refused_before_the_model_loads(flags, tmp_path, capsys):
     """A missing model directory would fail with status 1 once loading began: status 2 and argparse's

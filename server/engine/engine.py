@@ -52,7 +52,8 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # default: the model's max_position_embeddings
-    cache_memory_gib: float | None = None  # default: 90% of free GPU memory on CUDA, 1 GiB on CPU
+    cache_memory_gib: float | None = None  # default: CUDA: sized by a warm-up (gpu_memory_utilization); CPU: 1 GiB
+    gpu_memory_utilization: float = 0.9  # CUDA: fraction of total memory for weights, activations and cache
     num_blocks: int | dict[str, int] | None = None  # exact pool sizes (tests), by pool name; overrides memory
     prefix_caching: bool = True
     attention_backend: str = "auto"  # auto: triton on CUDA when it imports, else reference
@@ -69,7 +70,8 @@ class LLMEngine:
         self.max_model_len = min(cfg.max_model_len or text.max_position_embeddings, text.max_position_embeddings)
         cache_bytes = int(cfg.cache_memory_gib * 2**30) if cfg.cache_memory_gib else None
         self.runner = ModelRunner(model, cfg.block_size, self.max_model_len, cfg.max_num_seqs,
-                                  cfg.max_num_batched_tokens, cache_bytes, cfg.num_blocks, cfg.attention_backend)
+                                  cfg.max_num_batched_tokens, cache_bytes, cfg.num_blocks, cfg.attention_backend,
+                                  cfg.gpu_memory_utilization)
         self.managers = {
             pool: BlockManager(blocks, cfg.block_size, window, cfg.prefix_caching)
             for pool, (window, blocks) in self.runner.pools.items()

@@ -25,12 +25,68 @@ log = logging.getLogger("gemma_tpa.engine")
 CPU_CACHE_BYTES = 1 << 30
 
 
-def default_cache_bytes(model: GemmaTPAModel) -> int:
-    """90% of the device memory left after loading on CUDA; 1 GiB on the CPU."""
-    if model.device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(model.device)
-        return int(free * 0.9)
-    return CPU_CACHE_BYTES
+def cache_budget(total: int, in_use: int, peak_extra: int, utilization: float) -> int:
+    """Cache bytes on CUDA: `utilization` of the device's total memory, less what is in use after loading
+    (weights, CUDA context) and less the activations' peak over a warm-up of the largest step."""
+    budget = int(utilization * total) - in_use - peak_extra
+    if budget <= 0:
+        raise ValueError(
+            f"no GPU memory left for the KV cache: --gpu-memory-utilization {utilization} of {total / 2**30:.2f} "
+            f"GiB is {utilization * total / 2**30:.2f} GiB, but {in_use / 2**30:.2f} GiB is in use after loading "
+            f"(weights, CUDA context) and the largest step's activations peak at {peak_extra / 2**30:.2f} GiB; raise "
+            "--gpu-memory-utilization, lower --max-num-batched-tokens or --max-num-seqs, or give --cache-memory"
+        )
+    return budget
+
+
+def warmup_step(
+    model: GemmaTPAModel, layout: CacheLayout, backend, block_size: int, max_num_batched_tokens: int,
+    max_num_seqs: int,
+) -> tuple[int, int]:
+    """One forward of the largest step the scheduler can make, over a throwaway cache freed on return:
+    max_num_batched_tokens tokens, as many decodes as there can be sequences next to one prefill chunk of the
+    rest, all of them computing logits (max_num_seqs rows, as the engine samples). Returns the logits' shape."""
+    seqs = max(1, min(max_num_seqs, max_num_batched_tokens))
+    lengths = [1] * (seqs - 1) + [max_num_batched_tokens - (seqs - 1)]
+    per_seq = [-(-n // block_size) for n in lengths]
+    kv = KVCache(layout.specs, {pool: sum(per_seq) for pool in layout.block_bytes}, block_size, model.device)
+    tables, next_block = [], 0
+    for n in per_seq:
+        tables.append(list(range(next_block, next_block + n)))
+        next_block += n
+    ends = [sum(lengths[: i + 1]) - 1 for i in range(seqs)]
+    meta = build_metadata(kv, backend, [0] * seqs, lengths, [tables] * len(kv.pools), ends, None, model.device)
+    ids = torch.zeros(max_num_batched_tokens, dtype=torch.long, device=model.device)
+    with torch.inference_mode():
+        shape = tuple(model(ids, meta.positions, meta).float().shape)
+    del kv, meta, ids
+    return shape
+
+
+def profile_cache_bytes(
+    model: GemmaTPAModel, layout: CacheLayout, backend, block_size: int, max_num_batched_tokens: int,
+    max_num_seqs: int, utilization: float,
+) -> int:
+    """CUDA: the cache budget from a warm-up of the largest step (see cache_budget)."""
+    device = model.device
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    in_use = total - free
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    warmup_step(model, layout, backend, block_size, max_num_batched_tokens, max_num_seqs)
+    torch.cuda.synchronize(device)
+    peak_extra = torch.cuda.max_memory_allocated(device) - before
+    torch.cuda.empty_cache()
+    budget = cache_budget(total, in_use, peak_extra, utilization)
+    log.info(
+        "GPU memory: %.2f GiB total, %.0f%% usable; %.2f GiB in use after loading (weights, CUDA context); "
+        "activations of the largest step (%d tokens, %d sequences) peak at %.2f GiB; %.2f GiB for the KV cache",
+        total / 2**30, utilization * 100, in_use / 2**30, max_num_batched_tokens,
+        min(max_num_seqs, max_num_batched_tokens), peak_extra / 2**30, budget / 2**30,
+    )
+    return budget
 
 
 @dataclass
@@ -60,11 +116,18 @@ class ModelRunner:
         cache_bytes: int | None = None,
         num_blocks: int | dict[str, int] | None = None,
         attention_backend: str = "auto",
+        gpu_memory_utilization: float = 0.9,
     ):
         self.model = model
         self.layout: CacheLayout = tpa_layout(model.config, model.dtype, block_size)
+        self.backend = make_backend(attention_backend, model.device)
         if num_blocks is None:
-            memory = cache_bytes if cache_bytes is not None else default_cache_bytes(model)
+            memory = cache_bytes
+            if memory is None and model.device.type == "cuda":
+                memory = profile_cache_bytes(model, self.layout, self.backend, block_size, max_num_batched_tokens,
+                                             max_num_seqs, gpu_memory_utilization)
+            elif memory is None:
+                memory = CPU_CACHE_BYTES
             num_blocks, sessions = self.layout.plan(memory, session_len, max_num_batched_tokens, max_num_seqs)
             if sessions < 1:
                 raise ValueError(
@@ -75,7 +138,6 @@ class ModelRunner:
         elif isinstance(num_blocks, int):
             num_blocks = {pool: num_blocks for pool in self.layout.block_bytes}
         self.kv = KVCache(self.layout.specs, num_blocks, block_size, model.device)
-        self.backend = make_backend(attention_backend, model.device)
         log.info("attention backend: %s", self.backend.name)
         self.capacity: CapacityReport = capacity_report(
             self.layout, self.kv.num_blocks, session_len, max_num_batched_tokens, max_num_seqs
