@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,13 @@ TINY_TEXT = dict(
     max_position_embeddings=512,
     rope_scaling={"rope_type": "linear", "factor": 8.0},
 )
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> None:

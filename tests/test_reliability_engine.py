@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 
@@ -17,7 +16,7 @@ import openai
 import pytest
 import torch
 from PIL import Image
-from test_server import MODEL, LiveServer, png_data_url
+from test_server import MODEL, LiveServer, png_data_url, spawn_tpa_serve
 
 from server.cli import serve_main
 from server.engine.async_engine import AsyncEngine, RequestFailedError, RequestStream
@@ -434,31 +433,10 @@ def test_a_port_in_use_is_refused_before_the_model_loads(tmp_path, capsys):
     assert f"tpa-serve: error: cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_serve(tmp_path, args, prelude=""):
     """tpa-serve on the demo model in a child process; `prelude` is Python run first (to plant a fault)."""
-    port = free_port()
-    env = {**os.environ, "GEMMA_TPA_CACHE": os.environ.get("GEMMA_TPA_CACHE", str(tmp_path)),
-           "OMP_NUM_THREADS": "1"}
     code = f"import sys\n{prelude}\nfrom server.cli import serve_main\nsys.exit(serve_main(sys.argv[1:]))"
-    proc = subprocess.Popen([sys.executable, "-c", code, "--model", "demo", "--port", str(port),
-                             "--cache-memory", "0.02", *args],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        assert time.time() < deadline and proc.poll() is None, "tpa-serve did not come up"
-        try:
-            httpx.get(url + "/health")
-            return proc, url
-        except httpx.TransportError:
-            time.sleep(0.1)
+    return spawn_tpa_serve(tmp_path, [sys.executable, "-c", code, "--model", "demo", "--cache-memory", "0.02", *args])
 
 
 def test_a_second_sigterm_exits_at_once(tmp_path):

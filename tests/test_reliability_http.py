@@ -5,6 +5,8 @@ slow clients on raw sockets, the API docs and their schema, and request ids."""
 import asyncio
 import json
 import logging
+import shutil
+import signal
 import socket
 import threading
 import time
@@ -12,7 +14,7 @@ import time
 import httpx
 import openai
 import pytest
-from test_server import MODEL, LiveServer, png_data_url
+from test_server import MODEL, LiveServer, png_data_url, spawn_tpa_serve
 
 from server.cli import serve_parser
 
@@ -431,28 +433,11 @@ def test_flags_default_to_sane_limits():
 
 def test_tpa_serve_itself_logs_request_ids_and_cuts_idle_connections(tmp_path):
     """tpa-serve as a process (its own logging and uvicorn settings, not the tests' LiveServer)."""
-    import os
-    import shutil
-    import signal
-    import subprocess
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "GEMMA_TPA_CACHE": os.environ.get("GEMMA_TPA_CACHE", str(tmp_path))}
-    proc = subprocess.Popen([shutil.which("tpa-serve"), "--model", "demo", "--port", str(port), "--cache-memory",
-                             "0.02", "--header-timeout", "1"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = spawn_tpa_serve(tmp_path, [shutil.which("tpa-serve"), "--model", "demo", "--cache-memory", "0.02",
+                                           "--header-timeout", "1"])
+    port = int(url.rsplit(":", 1)[1])
     try:
-        deadline = time.time() + 60
-        while True:
-            assert time.time() < deadline and proc.poll() is None, "tpa-serve did not come up"
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        assert httpx.get(url + "/health").status_code == 200
         assert httpx.get(url + "/v1/models", headers={"X-Request-ID": "sub-7"}).headers["x-request-id"] == "sub-7"
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             data, took = read_until_closed(sock, 10)

@@ -4,13 +4,18 @@ import asyncio
 import base64
 import io
 import json
-import socket
+import os
+import shutil
+import signal
+import subprocess
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
+from conftest import free_port
 from PIL import Image
 
 from server.cli import build_server, serve_parser, uvicorn_config
@@ -25,9 +30,7 @@ class LiveServer:
     def __init__(self, argv, model: str | None = "demo"):
         import uvicorn
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         argv = [*(["--model", model] if model else []), "--log-level", "warning", *argv, "--port", str(self.port)]
         args = serve_parser().parse_args(argv)
         self.app, self.engine = build_server(args)
@@ -268,33 +271,34 @@ def dockerfile_entrypoint() -> list[str]:
     return json.loads(line.removeprefix("ENTRYPOINT"))
 
 
+def spawn_tpa_serve(tmp_path, command: list[str], timeout: float = 90) -> tuple[subprocess.Popen, str]:
+    """`command` (a tpa-serve invocation without --port) as a child process on a free port, returned with its
+    URL once /health answers. The caller kills it if it is still running."""
+    port = free_port()
+    env = {**os.environ, "GEMMA_TPA_CACHE": os.environ.get("GEMMA_TPA_CACHE", str(tmp_path)),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([*command, "--port", str(port)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).parents[1])
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout
+    while True:
+        assert time.time() < deadline and proc.poll() is None, "tpa-serve did not come up"
+        try:
+            httpx.get(url + "/health")
+            return proc, url
+        except httpx.TransportError:
+            time.sleep(0.1)
+
+
 def test_sigterm_lets_running_requests_finish(tmp_path):
     """The Dockerfile's entrypoint, run directly (on the demo model); SIGTERM stops accepting, the
     open stream completes, and the process exits 0."""
-    import os
-    import shutil
-    import signal
-    import subprocess
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "GEMMA_TPA_CACHE": os.environ.get("GEMMA_TPA_CACHE", str(tmp_path))}
     entrypoint = dockerfile_entrypoint()
     assert entrypoint[0] == "tpa-serve"
-    proc = subprocess.Popen([shutil.which("tpa-serve"), *entrypoint[1:], "--model", "demo", "--port", str(port),
-                             "--cache-memory", "0.02"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = spawn_tpa_serve(tmp_path, [shutil.which("tpa-serve"), *entrypoint[1:], "--model", "demo",
+                                           "--cache-memory", "0.02"])
     try:
-        deadline = time.time() + 60
-        while True:
-            assert time.time() < deadline and proc.poll() is None, "tpa-serve did not come up"
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        assert httpx.get(url + "/health").status_code == 200
         body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200,
                 "stream": True, "ignore_eos": True}
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
