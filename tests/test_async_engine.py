@@ -5,6 +5,7 @@ import time
 
 import pytest
 import torch
+from test_server import fail_after
 
 from server.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 from server.engine.engine import EngineConfig, LLMEngine
@@ -225,17 +226,7 @@ def test_queue_full_counts_scheduler_waiting(model_and_tokenizer):
 
 
 def test_step_failure_kills_the_engine(engine, monkeypatch):
-    real_step = engine.step
-    calls = 0
-
-    def failing_step():
-        nonlocal calls
-        calls += 1
-        if calls > 4:
-            raise RuntimeError("boom")
-        return real_step()
-
-    monkeypatch.setattr(engine, "step", failing_step)
+    monkeypatch.setattr(engine, "step", fail_after(engine.step, 4, "boom"))
 
     async def main():
         ae = AsyncEngine(engine)

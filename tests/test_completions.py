@@ -7,7 +7,7 @@ import time
 import httpx
 import openai
 import pytest
-from test_server import LiveServer  # tests/ is on sys.path (rootdir conftest)
+from test_server import LiveServer, fail_after  # tests/ is on sys.path (rootdir conftest)
 
 MODEL = "gemma-tpa-demo"
 MAX_MODEL_LEN = 128
@@ -355,15 +355,7 @@ def test_engine_death_mid_stream_is_an_error_event():
                          "--cache-memory", "0.02"])
     try:
         engine = server.engine.engine
-        real_step, calls = engine.step, []
-
-        def failing_step():
-            calls.append(1)
-            if len(calls) > 3:
-                raise RuntimeError("simulated device failure")
-            return real_step()
-
-        engine.step = failing_step
+        engine.step = fail_after(engine.step, 3)
         body = {"model": MODEL, "prompt": ["hi", "there"], "max_tokens": 50, "stream": True, "ignore_eos": True}
         with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
             assert r.status_code == 200

@@ -43,6 +43,11 @@ def run(engine, requests):
     """requests: {request_id: (prompt_ids, params)} -> {request_id: final RequestOutput}."""
     for rid, (prompt, params) in requests.items():
         engine.add_request(rid, prompt, params)
+    return finish(engine)
+
+
+def finish(engine):
+    """Step until nothing is left: {request_id: final RequestOutput} of the requests that finished."""
     done = {}
     while engine.has_unfinished():
         for out in engine.step():

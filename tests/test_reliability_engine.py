@@ -16,6 +16,7 @@ import openai
 import pytest
 import torch
 from PIL import Image
+from test_engine import finish
 from test_server import MODEL, LiveServer, png_data_url, spawn_tpa_serve
 
 from server.cli import serve_main
@@ -59,15 +60,6 @@ def image_prompt(engine, seed=0):
 
 def greedy(max_tokens, **kw) -> SamplingParams:
     return SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=max_tokens, **kw)
-
-
-def finish(engine) -> dict[str, RequestOutput]:
-    done = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-    return done
 
 
 def all_free(engine) -> bool:

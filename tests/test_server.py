@@ -342,19 +342,25 @@ def test_full_queue_is_503_with_retry_after():
         server.stop()
 
 
+def fail_after(step, steps: int, message: str = "simulated device failure"):
+    """`step` for the first `steps` calls, then a RuntimeError on every call: an engine fault mid-run."""
+    calls = 0
+
+    def failing_step():
+        nonlocal calls
+        calls += 1
+        if calls > steps:
+            raise RuntimeError(message)
+        return step()
+
+    return failing_step
+
+
 def test_engine_death_mid_stream_is_an_error_event_and_health_503():
     server = LiveServer(["--cache-memory", "0.02"])
     try:
         engine = server.engine.engine
-        real_step, calls = engine.step, []
-
-        def failing_step():
-            calls.append(1)
-            if len(calls) > 3:
-                raise RuntimeError("simulated device failure")
-            return real_step()
-
-        engine.step = failing_step
+        engine.step = fail_after(engine.step, 3)
         body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50,
                 "stream": True, "ignore_eos": True}
         with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30) as r:
