@@ -65,3 +65,17 @@ def timed(fn: Callable[[], object]) -> float:
 
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
+
+
+def calibration_ids(tokenizer, tokens: int) -> torch.Tensor:
+    """[1, tokens] of the built-in calibration prose (`tpa-convert --calibration prose`), never evaluated on."""
+    from tpa_model.cli import calibration_text
+
+    return torch.tensor([tokenizer.encode(calibration_text("prose"), add_bos=True)[:tokens]], dtype=torch.long)
+
+
+def checkpoint_config(checkpoint: Path):
+    """A TPA checkpoint's text config (its ranks per layer among it), read without its weights."""
+    from tpa_model.checkpoint import parse_text_config, read_config
+
+    return parse_text_config(checkpoint, read_config(checkpoint))

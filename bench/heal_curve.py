@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 import torch
+from common import calibration_ids, checkpoint_config
 
 from tpa_model import texts
 from tpa_model.cli import token_count
@@ -27,7 +28,7 @@ from tpa_model.heal import heal
 from tpa_model.hf_tokenizer import load_tokenizer
 from tpa_model.loader import load_model, save_model
 from tpa_model.models import resolve_model
-from tpa_model.provenance import record
+from tpa_model.provenance import healing_fields, record
 from tpa_model.quality import eval_sequences, next_token_metrics, vocab_limit
 from tpa_model.rank_allocation import cache_fraction
 
@@ -35,8 +36,8 @@ from tpa_model.rank_allocation import cache_fraction
 def student_ranks(args) -> tuple[list[int] | int, list[int] | int]:
     if args.ranks_from is None:
         return args.k_rank, args.v_rank
-    config = json.loads((args.ranks_from / "config.json").read_text())
-    ranks = config["text_config"]["tpa"]["layer_ranks"]
+    config = checkpoint_config(args.ranks_from)
+    ranks = [config.layer_ranks(i) for i in range(config.num_hidden_layers)]
     return [k for k, _ in ranks], [v for _, v in ranks]
 
 
@@ -62,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     source = resolve_model(args.model)
     tokenizer = load_tokenizer(source)
     teacher, student = load_model(source), load_model(source)
-    calibration = "\n\n".join(texts.documents("calibration").values())
-    cal = torch.tensor([tokenizer.encode(calibration, add_bos=True)[: args.calibration_tokens]])
+    cal = calibration_ids(tokenizer, args.calibration_tokens)
     reduce_rank(student, *student_ranks(args), calibration_ids=cal, fit="attention", progress=False)
     if not args.no_contextual_heads:
         make_heads_contextual(student)
@@ -81,9 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                   batch_size=args.batch_size, lr=args.lr, train=args.train, checkpoint_dir=args.out / "healing",
                   checkpoint_every=5, eval_fn=measure, eval_at=args.eval_at, log_every=5)
     print(report.format())
-    record(student, "healing", tokens=report.tokens_seen, token_budget=report.token_budget,
-           finished=report.finished, train=report.train, source=report.source, seq_len=report.seq_len,
-           batch_size=report.batch_size, lr=report.lr, train_seconds=round(report.train_seconds, 1))
+    record(student, "healing", **healing_fields(report))
     save_model(student, args.out, tokenizer=tokenizer, tokenizer_dir=source)
     result = {"model": args.model, "cache_fraction": cache_fraction(student.config),
               "ranks": student.config.tpa.layer_ranks or [student.config.k_rank, student.config.v_rank],

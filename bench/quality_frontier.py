@@ -16,30 +16,24 @@ The table goes to stdout, the frontier to a PNG.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from common import calibration_ids, checkpoint_config
 
-from tpa_model import texts
 from tpa_model.convert import reduce_rank, to_per_token_svd
 from tpa_model.hf_tokenizer import load_tokenizer
 from tpa_model.loader import load_model
 from tpa_model.models import resolve_model
 from tpa_model.quality import QualityReport, evaluate, frontier_points, plot_frontier
-from tpa_model.rank_allocation import part_numbers
+from tpa_model.rank_allocation import cache_fraction
 
 UNIFORM = {0.70: (2, 2), 0.52: (2, 1), 0.35: (1, 1)}  # the (k, v) ranks that store these fractions at G=3, d=64
 HARNESS = dict(eval_tokens=2048, seq_len=512, chat_prompts=4, greedy_tokens=32, passkey_lengths=(512, 1024),
                passkey_trials=1)  # CPU-sized: 2048 tokens, 4 chat prompts, 6 passkey trials per model
-
-
-def calibration_ids(tokenizer, tokens: int) -> torch.Tensor:
-    text = "\n\n".join(texts.documents("calibration").values())
-    return torch.tensor([tokenizer.encode(text, add_bos=True)[:tokens]], dtype=torch.long)
 
 
 def variants(source: Path, cal: torch.Tensor, per_layer_from: list[Path]) -> dict[str, Callable[[], object]]:
@@ -59,9 +53,9 @@ def variants(source: Path, cal: torch.Tensor, per_layer_from: list[Path]) -> dic
             return model
         return build
 
-    def per_layer(checkpoint: Path):
+    def per_layer(config):
         def build():
-            ranks = json.loads((checkpoint / "config.json").read_text())["text_config"]["tpa"]["layer_ranks"]
+            ranks = [config.layer_ranks(i) for i in range(config.num_hidden_layers)]
             model = load_model(source)
             reduce_rank(model, [k for k, _ in ranks], [v for _, v in ranks], calibration_ids=cal, fit="attention",
                         progress=False)
@@ -76,11 +70,8 @@ def variants(source: Path, cal: torch.Tensor, per_layer_from: list[Path]) -> dic
         out[f"attention-aware {pct}%"] = uniform(ranks, calibration_ids=cal, fit="attention")
         out[f"per-token SVD {pct}%"] = svd(ranks)
     for checkpoint in per_layer_from:
-        config = json.loads((checkpoint / "config.json").read_text())["text_config"]
-        layers = config["tpa"]["layer_ranks"]
-        G, d = config["num_key_value_heads"], config["head_dim"]
-        stored = sum(part_numbers(G, d, r) for pair in layers for r in pair) / (len(layers) * 2 * G * d)
-        out[f"per-layer attention-aware {round(stored * 100)}%"] = per_layer(checkpoint)
+        config = checkpoint_config(checkpoint)
+        out[f"per-layer attention-aware {round(cache_fraction(config) * 100)}%"] = per_layer(config)
     return out
 
 

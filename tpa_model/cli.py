@@ -14,7 +14,7 @@ from .convert import DEFAULT_ENERGY, FITS, kl_divergence, make_heads_contextual,
 from .hf_tokenizer import load_tokenizer
 from .loader import load_model, save_model
 from .models import resolve_model
-from .provenance import quality_fields, record
+from .provenance import healing_fields, quality_fields, record
 from .rank_allocation import cache_fraction, choose_layer_ranks
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -118,10 +118,7 @@ def heal_into(model, original, tokenizer, args) -> None:
                   checkpoint_dir=args.heal_checkpoint or Path(args.out) / "healing", max_steps=args.heal_max_steps,
                   eval_fn=eval_fn, log_every=10)
     print(report.format())
-    record(model, "healing", tokens=report.tokens_seen, token_budget=report.token_budget, finished=report.finished,
-           train=report.train, source=report.source, seq_len=report.seq_len, batch_size=report.batch_size,
-           lr=report.lr, final_kl=report.curve[-1][1] if report.curve else None,
-           train_seconds=round(report.train_seconds, 1))
+    record(model, "healing", **healing_fields(report))
     if eval_fn is not None:
         before = report.before
         if before is not None and hasattr(before, "format"):

@@ -36,6 +36,22 @@ def quality_fields(report) -> dict[str, Any]:
     }
 
 
+def healing_fields(report) -> dict[str, Any]:
+    """What a checkpoint keeps of a tpa_model.heal.HealReport: the budget, the recipe, where it ended."""
+    return {
+        "tokens": report.tokens_seen,
+        "token_budget": report.token_budget,
+        "finished": report.finished,
+        "train": report.train,
+        "source": report.source,
+        "seq_len": report.seq_len,
+        "batch_size": report.batch_size,
+        "lr": report.lr,
+        "final_kl": report.curve[-1][1] if report.curve else None,
+        "train_seconds": round(report.train_seconds, 1),
+    }
+
+
 def summary(provenance: dict[str, Any] | None, exact: bool) -> str:
     """One line for the start-up log: how the model was made and its measured quality cost."""
     if exact and not provenance:
