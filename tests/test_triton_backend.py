@@ -8,6 +8,7 @@ a paged cache with random factors (or plain keys and values), decodes a batch of
 under 1e-5 in float32 and under 1e-2 in bfloat16 and float16. Tests marked `gpu` run real sizes on CUDA.
 """
 
+import dataclasses
 import os
 
 import pytest
@@ -108,6 +109,30 @@ def test_any_split_and_block_size(split_tokens, block_size):
     """One split or many, chosen or fixed; tiles that cross blocks and blocks that cross tiles."""
     backend = TritonBackend(block_t=16, split_tokens=split_tokens, min_split_tokens=16)
     out, expected = both(decode_case(9, 3, 64, (2, 2), [3, 50, 17], block_size=block_size), backend)
+    assert relative_error(out, expected) < 1e-5
+
+
+def test_more_splits_than_the_merge_reads_at_once():
+    """The longest sequence spreads over 19 splits, the merge reads them 16 at a time."""
+    out, expected = both(decode_case(9, 3, 16, (2, 2), [1, 300, 45]), TritonBackend(block_t=16, split_tokens=16))
+    assert relative_error(out, expected) < 1e-5
+
+
+@pytest.mark.parametrize("ranks", [(2, 1), (3, 3)], ids=["factors", "plain"])
+@pytest.mark.parametrize("window", [None, 9])
+def test_wide_tables_and_a_fixed_split_count(ranks, window):
+    """A step replayed from a CUDA graph: every table as wide as the longest a sequence may hold (stale block
+    ids past each sequence's own), and the split count fixed by that width. Each sequence spreads its own keys
+    over the splits; the output is unchanged."""
+    kv, meta, q = decode_case(9, 3, 16, ranks, [3, 70, 41], window=window)
+    pool = meta.pools[0]
+    B, nb = pool.block_tables.shape
+    stale = torch.randint(0, nb, (B, 40), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    wide = dataclasses.replace(pool, block_tables=torch.cat([pool.block_tables, stale], 1), num_blocks=[nb + 40] * B)
+    backend = TritonBackend(block_t=16, min_split_tokens=16, programs_target=64)
+    assert backend.choose_splits(wide.decode_blocks(B) * wide.block_size, B, q.device, 16)[0] > 4
+    expected = ReferenceBackend().decode(q, kv.layers[0], pool, meta, SCALE)
+    out = backend.decode(q, kv.layers[0], wide, meta, SCALE)
     assert relative_error(out, expected) < 1e-5
 
 
@@ -285,23 +310,34 @@ from tpa_model.kv_cache import CacheSpec
 ARGS = dict(q_ptr="*bf16", q_seq_stride="i32", k0_ptr="*bf16", k1_ptr="*bf16", v0_ptr="*bf16", v1_ptr="*bf16",
             num_slots="i32", table_ptr="*i64", table_stride="i32", first_ptr="*i64", pos_ptr="*i64",
             limit_ptr="*i64", m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", scale="fp32", window="i32",
-            split_tokens="i32")
+            min_split="i32")
 target = GPUTarget("cuda", 90, 32)
 for H, G, d, rk, rv in [(16, 8, 256, 2, 3), (32, 16, 128, 1, 1), (16, 8, 256, 8, 8), (9, 3, 64, 1, 3)]:
     config = TritonBackend().kernel_config(CacheSpec(G, d, rk, rv, None, torch.bfloat16), H, 16)
     source = ASTSource(decode_split_kernel, ARGS | {k: "constexpr" for k in config}, constexprs=config)
     assert triton.compile(source, target=target, options={"num_warps": 8}).asm["cubin"]
-merge = dict(H=16, D=256, S_PAD=8, D_PAD=pad(256))
-args = dict(m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", out_ptr="*bf16", out_seq_stride="i32", S="i32")
+merge = dict(H=16, D=256, BLOCK_T=16, S_BLOCK=16, D_PAD=pad(256))
+args = dict(m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", out_ptr="*bf16", out_seq_stride="i32", first_ptr="*i64",
+            pos_ptr="*i64", limit_ptr="*i64", window="i32", min_split="i32", S="i32")
 assert triton.compile(ASTSource(merge_kernel, args | {k: "constexpr" for k in merge}, constexprs=merge),
                       target=target).asm["cubin"]
+from tpa_model.backends.triton_prefill import prefill_config, prefill_kernel
+ARGS = dict(q_ptr="*bf16", q_tok_stride="i32", out_ptr="*bf16", out_tok_stride="i32", k0_ptr="*bf16", k1_ptr="*bf16",
+            v0_ptr="*bf16", v1_ptr="*bf16", num_slots="i32", query_start_ptr="*i64", first_seq="i32",
+            row_offset="i32", table_ptr="*i64", table_stride="i32", first_ptr="*i64", pos_ptr="*i64",
+            limit_ptr="*i64", scale="fp32", window="i32")
+for H, G, d, rk, rv in [(16, 8, 256, 2, 3), (32, 16, 128, 1, 1), (16, 8, 256, 8, 8), (9, 3, 64, 1, 3)]:
+    config = prefill_config(CacheSpec(G, d, rk, rv, None, torch.bfloat16), H, 16)
+    source = ASTSource(prefill_kernel, ARGS | {k: "constexpr" for k in config}, constexprs=config)
+    assert triton.compile(source, target=target, options={"num_warps": 8}).asm["cubin"]
 print("compiled")
 """
 
 
 def test_kernels_compile_for_h100():
-    """The interpreter does not compile: this compiles the kernels for sm_90 (H100) in bf16 down to a cubin
-    with the ptxas that ships with triton, no GPU needed (it caught a global the compiler refuses)."""
+    """The interpreter does not compile: this compiles the kernels (decode, merge, prefill) for sm_90 (H100)
+    in bf16 down to a cubin with the ptxas that ships with triton, no GPU needed (it caught a global the
+    compiler refuses)."""
     import subprocess
     import sys
     from pathlib import Path

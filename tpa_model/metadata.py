@@ -7,6 +7,7 @@ the device once:
     slot_mapping [N]       the cache slot each new token's keys and values are written to
     block_tables [B, nb]   the blocks a sequence's queries can see (a sliding window's first block first)
     first_key_pos [B]      the position of the first slot of block_tables[:, 0]
+Per sequence: query_start [B + 1], the offsets of its new tokens in the batch (on the host and the device).
 Per token: positions [N] and limits [N], the last key position a query may attend to: its own position, or
 for an image token the last token of its image (an image sees all of itself, later images never); and
 image_mask [N], True where an image's features replace the token. The mask comes from each sequence's own
@@ -52,6 +53,7 @@ class AttentionMetadata:
     logits_indices: torch.Tensor  # rows of the batch whose logits are wanted
     pools: list[PoolMetadata]
     image_mask: torch.Tensor | None = None  # [N] bool: the tokens an image's features replace; None: no image
+    seq_starts: torch.Tensor | None = None  # query_start on the device (kernels that take many sequences)
 
     @property
     def num_seqs(self) -> int:
@@ -104,7 +106,8 @@ def build_metadata(
             is_image[lo : lo + b - a] = 1
     num_decodes = int(np.argmin(np.append(lengths_np, 0) == 1))  # leading sequences with one token
 
-    host = {"positions": positions, "limits": limits, "logits": np.asarray(logits_indices, dtype=np.int64)}
+    host = {"positions": positions, "limits": limits, "logits": np.asarray(logits_indices, dtype=np.int64),
+            "query_start": query_start}
     if is_image.any():
         host["image"] = is_image
     pool_hosts = [
@@ -121,7 +124,7 @@ def build_metadata(
     ]
     image_mask = dev["image"].bool() if "image" in dev else None
     return AttentionMetadata(kv, backend, dev["positions"], dev["limits"], query_start.tolist(), num_decodes,
-                             dev["logits"], pools, image_mask)
+                             dev["logits"], pools, image_mask, dev["query_start"])
 
 
 def _pool_arrays(window, block_size, tables, starts, lengths, positions, seq_of_token) -> dict[str, np.ndarray]:

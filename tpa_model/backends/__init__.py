@@ -2,11 +2,13 @@
 
 A backend implements three operations on one layer's storage (a LayerKV, see kv_cache.py), reading the
 cache through the step's block tables:
-    write(kv, slots, k, v)                    store the new tokens' keys and values (plain or factors)
-    decode(q, kv, pool, meta, scale)          one query token for each of the first meta.num_decodes sequences
-    prefill(q, kv, pool, meta, seq, scale)    the new tokens of one sequence, over its cached prefix and itself
+    write(kv, slots, k, v)               store the new tokens' keys and values (plain or factors)
+    decode(q, kv, pool, meta, scale)     one query token for each of the first meta.num_decodes sequences
+    prefill(q, kv, pool, meta, scale)    the new tokens of the other sequences, each over its cached prefix
+                                         and itself
 `attend` runs them for one layer of a step. The PyTorch reference backend runs everywhere; the Triton backend
-(triton_decode.py, CUDA) runs decodes on paged split-K kernels and delegates writes and prefill to it.
+(CUDA) runs decodes on paged split-K kernels (triton_decode.py) and prefill chunks on a paged kernel that
+rebuilds keys and values from factors one tile at a time (triton_prefill.py); it writes as the reference does.
 """
 
 from __future__ import annotations
@@ -33,9 +35,9 @@ class AttentionBackend(Protocol):
         ...
 
     def prefill(
-        self, q: torch.Tensor, kv: LayerKV, pool: PoolMetadata, meta: AttentionMetadata, seq: int, scale: float
+        self, q: torch.Tensor, kv: LayerKV, pool: PoolMetadata, meta: AttentionMetadata, scale: float
     ) -> torch.Tensor:
-        """q [L, H, d], the new tokens of sequence `seq` -> [L, H, d]."""
+        """q [P, H, d], the new tokens of the prefill sequences (meta.prefill_seqs(), in order) -> [P, H, d]."""
         ...
 
 
@@ -54,13 +56,12 @@ def attend(
     backend.write(kv, pool.slot_mapping, k, v)
     if meta.num_decodes == meta.num_seqs:
         return backend.decode(q, kv, pool, meta, scale)
-    out = torch.empty_like(q)
     split = meta.query_start[meta.num_decodes]
-    if split:
-        out[:split] = backend.decode(q[:split], kv, pool, meta, scale)
-    for seq in meta.prefill_seqs():
-        lo, hi = meta.query_start[seq], meta.query_start[seq + 1]
-        out[lo:hi] = backend.prefill(q[lo:hi], kv, pool, meta, seq, scale)
+    if not split:
+        return backend.prefill(q, kv, pool, meta, scale)
+    out = torch.empty_like(q)
+    out[:split] = backend.decode(q[:split], kv, pool, meta, scale)
+    out[split:] = backend.prefill(q[split:], kv, pool, meta, scale)
     return out
 
 
@@ -86,7 +87,8 @@ def make_backend(name: str, device: torch.device | str) -> AttentionBackend:
         return ReferenceBackend()
     if not triton_available():
         raise ValueError("the triton attention backend needs the triton package (pip install triton)")
-    from .triton_decode import TritonBackend, interpreter_enabled
+    from .triton_common import interpreter_enabled
+    from .triton_decode import TritonBackend
 
     if not on_cuda and not interpreter_enabled():
         raise ValueError(f"the triton attention backend runs on CUDA (device here: {device}); on a CPU only "

@@ -50,8 +50,18 @@ class ReferenceBackend:
         )
         return out[:, :, 0]
 
-    def prefill(self, q: torch.Tensor, kv: LayerKV, pool: PoolMetadata, meta: AttentionMetadata, seq: int,
-                scale: float):
+    def prefill(self, q: torch.Tensor, kv: LayerKV, pool: PoolMetadata, meta: AttentionMetadata, scale: float):
+        """Sequence by sequence."""
+        offset = meta.query_start[meta.num_decodes]
+        out = torch.empty_like(q)
+        for seq in meta.prefill_seqs():
+            lo, hi = meta.query_start[seq], meta.query_start[seq + 1]
+            out[lo - offset : hi - offset] = self.prefill_one(q[lo - offset : hi - offset], kv, pool, meta, seq, scale)
+        return out
+
+    def prefill_one(self, q: torch.Tensor, kv: LayerKV, pool: PoolMetadata, meta: AttentionMetadata, seq: int,
+                    scale: float) -> torch.Tensor:
+        """q [L, H, d]: the new tokens of sequence `seq`, over its cached prefix and itself."""
         lo, hi = meta.query_start[seq], meta.query_start[seq + 1]
         table = pool.block_tables[seq : seq + 1, : pool.num_blocks[seq]]
         args = (kv, table, pool.first_key_pos[seq : seq + 1], meta.positions[None, lo:hi], meta.limits[None, lo:hi],

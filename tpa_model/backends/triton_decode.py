@@ -5,12 +5,17 @@ One step's decode sequences (one new query token each, any mix of lengths) are a
 
     grid (head programs, sequences, splits)
     split kernel   each program takes one sequence, a set of query heads and one contiguous range of that
-                   sequence's keys; it walks the range in tiles of BLOCK_T tokens, finding each token's slot
-                   through the block table (the cache is never gathered into a padded copy), and keeps an
-                   online softmax: a running max m, sum l and unnormalized output acc per head, all float32.
-                   It writes (m, l, acc) for its split.
-    merge kernel   one program per (sequence, head) rescales the splits' partial results to a common max:
-                   o = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s.
+                   sequence's keys (each sequence spreads its own keys over the S splits, in whole tiles and
+                   never fewer than a minimum per split); it walks the range in tiles of BLOCK_T tokens,
+                   finding each token's slot through the block table (the cache is never gathered into a
+                   padded copy), and keeps an online softmax: a running max m, sum l and unnormalized output
+                   acc per head, all float32. It writes (m, l, acc) for its split; a split past the
+                   sequence's keys writes nothing.
+    merge kernel   one program per (sequence, head) rescales the partial results of the splits that held
+                   keys to a common max: o = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s.
+
+The grid depends on the batch size and S only, never on the lengths, so a decode step can be captured in a
+CUDA graph once per batch size and replayed at any context (the model runner does, with S fixed per size).
 
 Factored parts never rebuild K or V. Per tile and rank r, the queries meet the token factors in one matrix
 product and the head factors then weight each (head, token) pair:
@@ -26,7 +31,7 @@ Numerics follow the reference backend (reference.py): scores are (q . k) * scale
 is visible when its position is <= the query's limit and, on a windowed layer, within `window` positions of
 the query; products accumulate in float32; p (times the value head factor) is cast to the cache dtype before
 its product with the values, as the reference does. New keys and values are written by the reference's
-index_copy_ (one indexed copy per stored tensor), and prefill chunks use the reference's tiled prefill.
+index_copy_ (one indexed copy per stored tensor). Prefill chunks run on the kernel in triton_prefill.py.
 
 On a CPU the kernels run only under TRITON_INTERPRET=1 (Triton's interpreter, used by the tests).
 """
@@ -34,7 +39,6 @@ On a CPU the kernels run only under TRITON_INTERPRET=1 (Triton's interpreter, us
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -43,9 +47,10 @@ import triton.language as tl
 from ..kv_cache import LayerKV
 from ..metadata import AttentionMetadata, PoolMetadata
 from .reference import ReferenceBackend
+from .triton_common import MIN_DOT, NEG, TL_DTYPES, dot_dtype, pad
+from .triton_prefill import prefill_attention
 
-NEG = tl.constexpr(-1e30)  # running-max floor: an empty tile or split then weighs exp(NEG - m) = 0, never NaN
-MIN_DOT = 16  # tl.dot on a GPU needs every dimension >= 16: heads, tokens and head_dim are padded to it
+MERGE_SPLITS = 16  # splits the merge kernel reads at a time
 
 
 @triton.jit
@@ -78,12 +83,33 @@ def _plain_rows(ptr, group, num_slots, slots, tok_ok, dims, dim_ok, D: tl.conste
 
 
 @triton.jit
+def _key_range(first_ptr, pos_ptr, limit_ptr, seq, window):
+    """The keys a decode query sees, [lo, hi) in the coordinates of its block table (column 0 is position
+    first): from the window's start (or the table's) up to its limit, inclusive. Returns (first, lo, hi)."""
+    first = tl.load(first_ptr + seq)
+    hi = tl.load(limit_ptr + seq) - first + 1
+    lo = hi * 0  # no window: from the first column
+    if window > 0:
+        lo = tl.maximum(tl.load(pos_ptr + seq) - window + 1 - first, 0)
+    return first, lo, hi
+
+
+@triton.jit
+def _split_length(num_keys, S, min_split, BLOCK_T: tl.constexpr):
+    """Keys per split of one sequence: its own keys spread over the S splits in whole tiles, but never fewer
+    than min_split (a multiple of BLOCK_T). Each sequence splits its own length, so the grid (S) does not
+    depend on the lengths, and a step replayed from a CUDA graph still balances every sequence."""
+    per_split = (num_keys + S - 1) // S
+    return tl.maximum((per_split + BLOCK_T - 1) // BLOCK_T * BLOCK_T, min_split)
+
+
+@triton.jit
 def decode_split_kernel(
     q_ptr, q_seq_stride,
     k0_ptr, k1_ptr, v0_ptr, v1_ptr, num_slots,  # factored: (head, token) factors; plain: (store, unused)
     table_ptr, table_stride, first_ptr, pos_ptr, limit_ptr,
     m_ptr, l_ptr, acc_ptr,  # partial results: [B, H, S], [B, H, S], [B, H, S, d] float32
-    scale, window, split_tokens,
+    scale, window, min_split,
     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, HEADS: tl.constexpr, HEADS_PAD: tl.constexpr,
     D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr,
     K_FACTORED: tl.constexpr, V_FACTORED: tl.constexpr, RK: tl.constexpr, RV: tl.constexpr,
@@ -100,22 +126,18 @@ def decode_split_kernel(
     dims = tl.arange(0, D_PAD)
     dim_ok = dims < D
 
-    # The keys this query sees, in the coordinates of its block table (column 0 = position first_key_pos):
-    # from the window's start (or the table's) up to its limit, inclusive.
-    first = tl.load(first_ptr + seq)
-    pos = tl.load(pos_ptr + seq)
-    hi = tl.load(limit_ptr + seq) - first + 1
-    lo = hi * 0  # no window: from the first column
-    if window > 0:
-        lo = tl.maximum(pos - window + 1 - first, 0)
-    start = lo + split * split_tokens
-    end = tl.minimum(hi, start + split_tokens)
+    first, lo, hi = _key_range(first_ptr, pos_ptr, limit_ptr, seq, window)
+    split_len = _split_length(hi - lo, S, min_split, BLOCK_T)
+    start = lo + split * split_len
+    end = tl.minimum(hi, start + split_len)
 
-    q = _load_query(q_ptr, seq, heads, head_ok, dims, dim_ok, q_seq_stride, D).to(CACHE_DTYPE).to(DOT_DTYPE)
+    # a split past the sequence's keys reads nothing and writes nothing (the merge skips it)
+    keep = head_ok & (start + 0 * heads < end)
+    q = _load_query(q_ptr, seq, heads, keep, dims, dim_ok, q_seq_stride, D).to(CACHE_DTYPE).to(DOT_DTYPE)
     m = tl.full([HEADS_PAD], NEG, tl.float32)
     l = tl.zeros([HEADS_PAD], tl.float32)
     acc = tl.zeros([HEADS_PAD, D_PAD], tl.float32)
-    for t0 in range(start, end, BLOCK_T):  # an empty split runs no tile and writes (NEG, 0, 0)
+    for t0 in range(start, end, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         tok_ok = t < end
         block = tl.load(table_ptr + seq * table_stride + t // BLOCK_SIZE, mask=tok_ok, other=0)
@@ -152,57 +174,53 @@ def decode_split_kernel(
             acc += tl.dot(p.to(CACHE_DTYPE).to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
 
     row = (seq * H + heads) * S + split  # [HEADS_PAD] index into [B, H, S]
-    tl.store(m_ptr + row, m, mask=head_ok)
-    tl.store(l_ptr + row, l, mask=head_ok)
-    tl.store(acc_ptr + row[:, None] * D + dims[None, :], acc, mask=head_ok[:, None] & dim_ok[None, :])
+    tl.store(m_ptr + row, m, mask=keep)
+    tl.store(l_ptr + row, l, mask=keep)
+    tl.store(acc_ptr + row[:, None] * D + dims[None, :], acc, mask=keep[:, None] & dim_ok[None, :])
 
 
 @triton.jit
-def merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, out_seq_stride, S,
-                 H: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr, D_PAD: tl.constexpr):
-    """One (sequence, head): the splits' partial softmaxes merged to one output row."""
+def merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, out_seq_stride, first_ptr, pos_ptr, limit_ptr, window, min_split,
+                 S, H: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, S_BLOCK: tl.constexpr,
+                 D_PAD: tl.constexpr):
+    """One (sequence, head): the partial softmaxes of the splits that held keys, merged to one output row,
+    S_BLOCK splits at a time: o = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s."""
     seq, head = tl.program_id(0), tl.program_id(1)
-    splits = tl.arange(0, S_PAD)
-    split_ok = splits < S
+    _, lo, hi = _key_range(first_ptr, pos_ptr, limit_ptr, seq, window)
+    split_len = _split_length(hi - lo, S, min_split, BLOCK_T)
+    used = (hi - lo + split_len - 1) // split_len  # >= 1: a query always sees itself
     dims = tl.arange(0, D_PAD)
     dim_ok = dims < D
-    row = (seq * H + head) * S + splits
-    m = tl.load(m_ptr + row, mask=split_ok, other=NEG)
-    l = tl.load(l_ptr + row, mask=split_ok, other=0.0)
-    acc = tl.load(acc_ptr + row[:, None] * D + dims[None, :], mask=split_ok[:, None] & dim_ok[None, :], other=0.0)
-    w = tl.exp(m - tl.max(m, axis=0))  # empty splits (m = NEG) weigh 0
-    total = tl.sum(w * l, axis=0)
-    out = tl.sum(w[:, None] * acc, axis=0) / tl.maximum(total, 1e-30)  # > 0: a query always sees itself
+    m_run = tl.full([1], NEG, tl.float32)
+    total = tl.zeros([1], tl.float32)
+    out = tl.zeros([D_PAD], tl.float32)
+    for s0 in range(0, used, S_BLOCK):
+        splits = s0 + tl.arange(0, S_BLOCK)
+        split_ok = splits < used
+        row = (seq * H + head) * S + splits
+        m = tl.load(m_ptr + row, mask=split_ok, other=NEG)
+        l = tl.load(l_ptr + row, mask=split_ok, other=0.0)
+        acc = tl.load(acc_ptr + row[:, None] * D + dims[None, :], mask=split_ok[:, None] & dim_ok[None, :],
+                      other=0.0)
+        m_new = tl.maximum(m_run, tl.max(m, axis=0))
+        w = tl.exp(m - m_new)  # splits past `used` (m = NEG) weigh 0
+        alpha = tl.exp(m_run - m_new)
+        total = total * alpha + tl.sum(w * l, axis=0)
+        out = out * alpha + tl.sum(w[:, None] * acc, axis=0)
+        m_run = m_new
+    out = out / tl.maximum(total, 1e-30)
     tl.store(out_ptr + seq * out_seq_stride + head * D + dims, out.to(out_ptr.dtype.element_ty), mask=dim_ok)
 
 
-TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-
-
-def dot_dtype(dtype: torch.dtype):
-    """The operands' type in the kernels' products: the cache's (on a GPU, tensor cores multiply bf16/fp16
-    exactly and accumulate in float32). Triton's interpreter computes in numpy, which has no bfloat16 (its
-    bf16 arithmetic is wrong), so there bf16 operands are widened to float32 after rounding to bf16: the
-    same products, the same float32 accumulation."""
-    if dtype == torch.bfloat16 and interpreter_enabled():
-        return tl.float32
-    return TL_DTYPES[dtype]
-
-
-def pad(n: int) -> int:
-    """A power of two >= n and >= 16 (tl.arange needs a power of two, tl.dot at least 16)."""
-    return max(MIN_DOT, triton.next_power_of_2(n))
-
-
 class TritonBackend(ReferenceBackend):
-    """Decode on the Triton kernels above; writes and prefill chunks as the reference backend.
+    """Decode on the Triton kernels above, prefill chunks on triton_prefill's; writes as the reference backend.
 
     block_t: tokens per tile (a multiple of 16), or None: 32 on plain layouts, 16 when a part is factored.
     Those and 8 warps are the choices that ptxas compiles for sm_90 at the 12b and 27b shapes with no (plain)
     or almost no (factors) register spills; they are not tuned on a GPU yet. split_tokens: tokens per split,
     fixed (tests), or None to choose per step: enough splits that the launch fills the device (about
     programs_target programs), but never splits shorter than min_split_tokens, where the merge would cost
-    more than it spreads.
+    more than it spreads (see choose_splits).
     """
 
     name = "triton"
@@ -222,26 +240,28 @@ class TritonBackend(ReferenceBackend):
         config = self.kernel_config(spec, H, pool.block_size)
         head_programs = H // config["HEADS"]
         # the longest visible key range, from the host copy of the tables (no device sync); a windowed pool's
-        # table holds only the window's blocks
+        # table holds only the window's blocks. A captured step's metadata gives its tables' full width.
         max_tokens = pool.decode_blocks(B) * pool.block_size
-        split_tokens = self.choose_split(max_tokens, B * head_programs, q.device, config["BLOCK_T"])
-        S = triton.cdiv(max_tokens, split_tokens)
+        S, min_split = self.choose_splits(max_tokens, B * head_programs, q.device, config["BLOCK_T"])
         m = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
         l = torch.empty_like(m)
         acc = torch.empty(B, H, S, d, dtype=torch.float32, device=q.device)
         k0, k1 = kv.k if spec.k_factored else (kv.k[0], kv.k[0])
         v0, v1 = kv.v if spec.v_factored else (kv.v[0], kv.v[0])
         num_slots = kv.k[0].shape[0] if spec.k_factored else kv.k[0].shape[1]
-        table = pool.block_tables
+        table, window = pool.block_tables, pool.window or 0
         decode_split_kernel[(head_programs, B, S)](
             q, q.stride(0), k0, k1, v0, v1, num_slots,
             table, table.stride(0), pool.first_key_pos, meta.positions, meta.limits,
-            m, l, acc, scale, pool.window or 0, split_tokens, **config, num_warps=8,
+            m, l, acc, scale, window, min_split, **config, num_warps=8,
         )
         out = torch.empty_like(q)
-        merge_kernel[(B, H)](m, l, acc, out, out.stride(0), S, H=H, D=d, S_PAD=triton.next_power_of_2(S),
-                             D_PAD=pad(d))
+        merge_kernel[(B, H)](m, l, acc, out, out.stride(0), pool.first_key_pos, meta.positions, meta.limits, window,
+                             min_split, S, H=H, D=d, BLOCK_T=config["BLOCK_T"], S_BLOCK=MERGE_SPLITS, D_PAD=pad(d))
         return out
+
+    def prefill(self, q: torch.Tensor, kv: LayerKV, pool: PoolMetadata, meta: AttentionMetadata, scale: float):
+        return prefill_attention(q, kv, pool, meta, scale)
 
     def kernel_config(self, spec, H: int, block_size: int) -> dict:
         """The split kernel's compile-time parameters for a layer's cache spec and H query heads."""
@@ -256,13 +276,16 @@ class TritonBackend(ReferenceBackend):
                     DOT_DTYPE=dot_dtype(spec.dtype),
                     DOT_PRECISION="ieee" if spec.dtype == torch.float32 else None)  # ieee: no tf32 in fp32
 
-    def choose_split(self, max_tokens: int, programs: int, device: torch.device, block_t: int) -> int:
-        """Tokens per split, a multiple of the tile: fixed, or enough splits to fill the device."""
+    def choose_splits(self, max_tokens: int, programs: int, device: torch.device, block_t: int) -> tuple[int, int]:
+        """(S, min_split): the number of splits and the fewest keys a split takes (a multiple of the tile).
+        Fixed split_tokens: as many splits as the longest sequence needs. Else enough splits to fill the
+        device, but none shorter than min_split_tokens, where the merge would cost more than it spreads."""
         if self.split_tokens is not None:
-            return triton.cdiv(max(1, self.split_tokens), block_t) * block_t
+            min_split = triton.cdiv(max(1, self.split_tokens), block_t) * block_t
+            return triton.cdiv(max_tokens, min_split), min_split
+        min_split = triton.cdiv(self.min_split_tokens, block_t) * block_t
         target = self.programs_target or device_programs(device)
-        splits = max(1, min(triton.cdiv(target, programs), triton.cdiv(max_tokens, self.min_split_tokens)))
-        return triton.cdiv(triton.cdiv(max_tokens, splits), block_t) * block_t
+        return max(1, min(triton.cdiv(target, programs), triton.cdiv(max_tokens, min_split))), min_split
 
 
 @functools.lru_cache
@@ -271,7 +294,3 @@ def device_programs(device: torch.device) -> int:
     if device.type == "cuda":
         return 4 * torch.cuda.get_device_properties(device).multi_processor_count
     return 8  # the interpreter on a CPU: any small number exercises the splits
-
-
-def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -1,0 +1,33 @@
+"""What the Triton kernels share: the running-max floor, dtypes of their products, and tile padding."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+NEG = tl.constexpr(-1e30)  # running-max floor: an empty tile or split then weighs exp(NEG - m) = 0, never NaN
+MIN_DOT = 16  # tl.dot on a GPU needs every dimension >= 16: heads, tokens and head_dim are padded to it
+
+TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def dot_dtype(dtype: torch.dtype):
+    """The operands' type in the kernels' products: the cache's (on a GPU, tensor cores multiply bf16/fp16
+    exactly and accumulate in float32). Triton's interpreter computes in numpy, which has no bfloat16 (its
+    bf16 arithmetic is wrong), so there bf16 operands are widened to float32 after rounding to bf16: the
+    same products, the same float32 accumulation."""
+    if dtype == torch.bfloat16 and interpreter_enabled():
+        return tl.float32
+    return TL_DTYPES[dtype]
+
+
+def pad(n: int) -> int:
+    """A power of two >= n and >= 16 (tl.arange needs a power of two, tl.dot at least 16)."""
+    return max(MIN_DOT, triton.next_power_of_2(n))
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
