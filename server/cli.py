@@ -119,6 +119,9 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention-backend", default="auto", choices=BACKENDS,
                    help="decode attention: triton kernels (CUDA) or the PyTorch reference (default: auto, triton "
                         "on CUDA when it imports)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="run every step eagerly: capture no CUDA graphs for decode steps (by default they are "
+                        "captured on CUDA with the triton backend, one per batch size up to --max-num-seqs)")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--max-waiting", type=int, default=1024, help="queued sequences before answering 503")
     p.add_argument("--api-key", default=os.environ.get("TPA_API_KEY"),
@@ -262,6 +265,7 @@ def build_server(args: argparse.Namespace):
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         cache_memory_gib=args.cache_memory, prefix_caching=not args.no_prefix_caching,
         attention_backend=args.attention_backend, gpu_memory_utilization=args.gpu_memory_utilization,
+        cuda_graphs=False if args.enforce_eager else None,
     )
     engine = LLMEngine(model, tokenizer, config)
     async_engine = AsyncEngine(engine, max_waiting=args.max_waiting)

@@ -57,6 +57,7 @@ class EngineConfig:
     num_blocks: int | dict[str, int] | None = None  # exact pool sizes (tests), by pool name; overrides memory
     prefix_caching: bool = True
     attention_backend: str = "auto"  # auto: triton on CUDA when it imports, else reference
+    cuda_graphs: bool | None = None  # None: decode steps from CUDA graphs where they work; False: eager
 
 
 class LLMEngine:
@@ -71,7 +72,7 @@ class LLMEngine:
         cache_bytes = int(cfg.cache_memory_gib * 2**30) if cfg.cache_memory_gib else None
         self.runner = ModelRunner(model, cfg.block_size, self.max_model_len, cfg.max_num_seqs,
                                   cfg.max_num_batched_tokens, cache_bytes, cfg.num_blocks, cfg.attention_backend,
-                                  cfg.gpu_memory_utilization)
+                                  cfg.gpu_memory_utilization, cfg.cuda_graphs)
         self.managers = {
             pool: BlockManager(blocks, cfg.block_size, window, cfg.prefix_caching)
             for pool, (window, blocks) in self.runner.pools.items()

@@ -1,8 +1,9 @@
 """The model runner: everything the engine does on the device.
 
 It sizes and allocates the KV cache (one block pool per distinct layer cache spec), turns the scheduler's
-chunks into one packed batch with its attention metadata, runs the model's forward, and hands back the
-logits of the rows that sample. The scheduler never sees a tensor; the model never sees a sequence.
+chunks into one packed batch with its attention metadata, runs the model's forward (decode steps from CUDA
+graphs where it captured them, see cuda_graphs.py), and hands back the logits of the rows that sample. The
+scheduler never sees a tensor; the model never sees a sequence.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from tpa_model.kv_cache import KVCache
 from tpa_model.metadata import AttentionMetadata, build_metadata
 from tpa_model.model import GemmaTPAModel
 
+from .cuda_graphs import DecodeGraphs
 from .scheduler import ScheduledChunk
 
 log = logging.getLogger("gemma_tpa.engine")
@@ -63,28 +65,39 @@ def warmup_step(
     return shape
 
 
+def step_peak_bytes(model: GemmaTPAModel, layout: CacheLayout, backend, block_size: int, tokens: int,
+                    seqs: int) -> int:
+    """CUDA: the memory a warm-up step of `tokens` tokens over `seqs` sequences allocates at its peak."""
+    device = model.device
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    warmup_step(model, layout, backend, block_size, tokens, seqs)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    torch.cuda.empty_cache()
+    return peak
+
+
 def profile_cache_bytes(
     model: GemmaTPAModel, layout: CacheLayout, backend, block_size: int, max_num_batched_tokens: int,
-    max_num_seqs: int, utilization: float,
+    max_num_seqs: int, utilization: float, graphs: bool = False,
 ) -> int:
-    """CUDA: the cache budget from a warm-up of the largest step (see cache_budget)."""
+    """CUDA: the cache budget from a warm-up of the largest step (see cache_budget). With decode graphs, the
+    activations of the largest decode step are held for good in the graphs' pool: they count as well."""
     device = model.device
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
     in_use = total - free
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    warmup_step(model, layout, backend, block_size, max_num_batched_tokens, max_num_seqs)
-    torch.cuda.synchronize(device)
-    peak_extra = torch.cuda.max_memory_allocated(device) - before
-    torch.cuda.empty_cache()
-    budget = cache_budget(total, in_use, peak_extra, utilization)
+    peak_extra = step_peak_bytes(model, layout, backend, block_size, max_num_batched_tokens, max_num_seqs)
+    graph_pool = step_peak_bytes(model, layout, backend, block_size, max_num_seqs, max_num_seqs) if graphs else 0
+    budget = cache_budget(total, in_use, peak_extra + graph_pool, utilization)
     log.info(
         "GPU memory: %.2f GiB total, %.0f%% usable; %.2f GiB in use after loading (weights, CUDA context); "
-        "activations of the largest step (%d tokens, %d sequences) peak at %.2f GiB; %.2f GiB for the KV cache",
+        "activations of the largest step (%d tokens, %d sequences) peak at %.2f GiB; decode graphs hold %.2f GiB; "
+        "%.2f GiB for the KV cache",
         total / 2**30, utilization * 100, in_use / 2**30, max_num_batched_tokens,
-        min(max_num_seqs, max_num_batched_tokens), peak_extra / 2**30, budget / 2**30,
+        min(max_num_seqs, max_num_batched_tokens), peak_extra / 2**30, graph_pool / 2**30, budget / 2**30,
     )
     return budget
 
@@ -106,6 +119,10 @@ class StepOutput:
 
 
 class ModelRunner:
+    """cuda_graphs: None captures decode graphs where they work (CUDA, the Triton backend, factors that are
+    not refitted per token); False runs every step eagerly (--enforce-eager); True asks for them and, on a CPU,
+    runs the same padded steps over the static buffers without capture (how the tests check them)."""
+
     def __init__(
         self,
         model: GemmaTPAModel,
@@ -117,42 +134,84 @@ class ModelRunner:
         num_blocks: int | dict[str, int] | None = None,
         attention_backend: str = "auto",
         gpu_memory_utilization: float = 0.9,
+        cuda_graphs: bool | None = None,
     ):
         self.model = model
         self.layout: CacheLayout = tpa_layout(model.config, model.dtype, block_size)
         self.backend = make_backend(attention_backend, model.device)
+        graphs = self.use_graphs(cuda_graphs)
         if num_blocks is None:
-            memory = cache_bytes
-            if memory is None and model.device.type == "cuda":
-                memory = profile_cache_bytes(model, self.layout, self.backend, block_size, max_num_batched_tokens,
-                                             max_num_seqs, gpu_memory_utilization)
-            elif memory is None:
-                memory = CPU_CACHE_BYTES
-            num_blocks, sessions = self.layout.plan(memory, session_len, max_num_batched_tokens, max_num_seqs)
-            if sessions < 1:
-                raise ValueError(
-                    f"{memory / 2**30:.3f} GiB of cache memory is too little: one session of {session_len} "
-                    f"tokens needs {self.layout.session_bytes(session_len) / 2**30:.3f} GiB; give more memory "
-                    "or lower --max-model-len"
-                )
+            num_blocks = self.plan_blocks(cache_bytes, session_len, max_num_seqs, max_num_batched_tokens,
+                                          gpu_memory_utilization, graphs)
         elif isinstance(num_blocks, int):
             num_blocks = {pool: num_blocks for pool in self.layout.block_bytes}
-        self.kv = KVCache(self.layout.specs, num_blocks, block_size, model.device)
+        # with graphs, one more block per pool: the pad block that padding rows of a replayed step use
+        pad_blocks = dict(num_blocks) if graphs else {}
+        self.kv = KVCache(self.layout.specs, {p: n + (p in pad_blocks) for p, n in num_blocks.items()}, block_size,
+                          model.device)
+        self.num_blocks = dict(num_blocks)
         log.info("attention backend: %s", self.backend.name)
         self.capacity: CapacityReport = capacity_report(
-            self.layout, self.kv.num_blocks, session_len, max_num_batched_tokens, max_num_seqs
+            self.layout, self.num_blocks, session_len, max_num_batched_tokens, max_num_seqs
         )
+        self.graphs = None
+        if graphs:
+            self.graphs = DecodeGraphs(model, self.kv, self.backend, pad_blocks, session_len, max_num_seqs,
+                                       capture=model.device.type == "cuda")
+            log.info("decode steps of up to %d sequences replay CUDA graphs (batch sizes %s)",
+                     self.graphs.sizes[-1], self.graphs.sizes)
+
+    def use_graphs(self, requested: bool | None) -> bool:
+        """Whether decode steps run from graphs. They need the Triton backend: its kernels never read a key
+        past a sequence's own, while the reference would read whole static tables. Per-token SVD factors
+        (--factorization svd) call a solver that synchronizes with the host, which a capture forbids."""
+        why_not = None
+        if self.backend.name != "triton":
+            why_not = f"decode graphs need the triton attention backend, not {self.backend.name}"
+        elif self.model.config.tpa.factorization == "svd":
+            why_not = "per-token SVD factors synchronize with the host, which a CUDA graph cannot capture"
+        if requested is None:
+            return why_not is None and self.model.device.type == "cuda"
+        if requested and why_not:
+            raise ValueError(why_not)
+        return requested
+
+    def plan_blocks(self, cache_bytes, session_len, max_num_seqs, max_num_batched_tokens, utilization,
+                    graphs: bool) -> dict[str, int]:
+        """Blocks per pool in the given memory, or (CUDA) in what a warm-up leaves of the device's; one block
+        per pool is held back for the graphs' pad block."""
+        model = self.model
+        memory = cache_bytes
+        if memory is None and model.device.type == "cuda":
+            memory = profile_cache_bytes(model, self.layout, self.backend, self.layout.block_size,
+                                         max_num_batched_tokens, max_num_seqs, utilization, graphs)
+        elif memory is None:
+            memory = CPU_CACHE_BYTES
+        pad_bytes = sum(self.layout.block_bytes.values()) if graphs else 0
+        num_blocks, sessions = self.layout.plan(memory - pad_bytes, session_len, max_num_batched_tokens,
+                                                max_num_seqs)
+        if sessions < 1:
+            raise ValueError(
+                f"{memory / 2**30:.3f} GiB of cache memory is too little: one session of {session_len} "
+                f"tokens needs {self.layout.session_bytes(session_len) / 2**30:.3f} GiB; give more memory "
+                "or lower --max-model-len"
+            )
+        return num_blocks
 
     @property
     def pools(self) -> dict[str, tuple[int | None, int]]:
-        """pool -> (window, number of blocks): what the block managers mirror."""
-        return {p.name: (p.window, self.kv.num_blocks[p.name]) for p in self.kv.pools}
+        """pool -> (window, number of blocks): what the block managers mirror (never the pad block)."""
+        return {p.name: (p.window, self.num_blocks[p.name]) for p in self.kv.pools}
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> StepOutput:
         """One forward over the chunks' new tokens; logits of the rows that sample."""
         step = self.prepare(chunks)
-        logits = self.model(step.input_ids, step.metadata.positions, step.metadata, pixel_values=step.pixel_values)
+        if self.graphs is not None and self.graphs.can_run(step.metadata, step.pixel_values):
+            logits = self.graphs.run(step.input_ids, step.metadata)
+        else:
+            logits = self.model(step.input_ids, step.metadata.positions, step.metadata,
+                                pixel_values=step.pixel_values)
         return StepOutput(step.sampling, logits.float())
 
     def prepare(self, chunks: list[ScheduledChunk]) -> StepInputs:
