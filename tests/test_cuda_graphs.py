@@ -37,6 +37,7 @@ def test_batch_sizes():
     assert graph_batch_sizes(3) == [1, 2, 3]
     assert graph_batch_sizes(20) == [1, 2, 4, 8, 16, 20]
     assert graph_batch_sizes(64) == [1, 2, 4, *range(8, 65, 8)]
+    assert graph_batch_sizes(1024) == [1, 2, 4, *range(8, 257, 8)]  # larger batches run eagerly
 
 
 def greedy(model, tokenizer, cuda_graphs, block_size=4, num_blocks=64):

@@ -12,8 +12,9 @@ the decode kernel splits each sequence's own keys over a split count fixed by th
 A step of B decodes pads up to the next captured size: the padding rows are position 0 of a sequence whose
 table holds only the pad block, a block no sequence owns, so they write and read that block and nothing
 else; their logits are dropped. Steps with a prefill chunk, images or more sequences than the largest size
-run eagerly. Graphs are captured in the model runner only, after the cache is allocated, largest first,
-sharing one memory pool. Without capture (a CPU) the same padded steps run eagerly over the static buffers.
+(at most MAX_GRAPH_BATCH) run eagerly. Graphs are captured in the model runner only, after the cache is
+allocated, largest first, sharing one memory pool. Without capture (a CPU) the same padded steps run eagerly
+over the static buffers.
 """
 
 from __future__ import annotations
@@ -24,11 +25,16 @@ from tpa_model.kv_cache import KVCache, max_blocks_per_seq
 from tpa_model.metadata import AttentionMetadata, PoolMetadata
 from tpa_model.model import GemmaTPAModel
 
+# Larger decode batches run eagerly: launches no longer set their pace, and each graph that size would hold its
+# own [batch, vocab] logits.
+MAX_GRAPH_BATCH = 256
+
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
-    """1, 2, 4, 8, then every 8 up to max_num_seqs (the last size is max_num_seqs itself)."""
-    sizes = {1, 2, 4, *range(8, max_num_seqs + 8, 8)}
-    return sorted({min(s, max_num_seqs) for s in sizes})
+    """1, 2, 4, 8, then every 8 up to max_num_seqs or MAX_GRAPH_BATCH (the last size is that bound itself)."""
+    largest = min(max_num_seqs, MAX_GRAPH_BATCH)
+    sizes = {1, 2, 4, *range(8, largest + 8, 8)}
+    return sorted({min(s, largest) for s in sizes})
 
 
 class DecodeGraphs:

@@ -19,7 +19,7 @@ from tpa_model.kv_cache import KVCache
 from tpa_model.metadata import AttentionMetadata, build_metadata
 from tpa_model.model import GemmaTPAModel
 
-from .cuda_graphs import DecodeGraphs
+from .cuda_graphs import DecodeGraphs, graph_batch_sizes
 from .scheduler import ScheduledChunk
 
 log = logging.getLogger("gemma_tpa.engine")
@@ -90,7 +90,8 @@ def profile_cache_bytes(
     free, total = torch.cuda.mem_get_info(device)
     in_use = total - free
     peak_extra = step_peak_bytes(model, layout, backend, block_size, max_num_batched_tokens, max_num_seqs)
-    graph_pool = step_peak_bytes(model, layout, backend, block_size, max_num_seqs, max_num_seqs) if graphs else 0
+    largest = graph_batch_sizes(max_num_seqs)[-1]
+    graph_pool = step_peak_bytes(model, layout, backend, block_size, largest, largest) if graphs else 0
     budget = cache_budget(total, in_use, peak_extra + graph_pool, utilization)
     log.info(
         "GPU memory: %.2f GiB total, %.0f%% usable; %.2f GiB in use after loading (weights, CUDA context); "
