@@ -289,6 +289,8 @@ def summarize(outcomes, requests, concurrency, seconds, state, rss_before, rss_a
         "no errors": counts["error"] == 0,
         "some refused with 503": counts["refused"] > 0,
         "some aborted by disconnect": counts["aborted"] > 0,
+        "clients that stay are never aborted": all(o.outcome != "aborted" for o in outcomes
+                                                   if o.kind.disconnect_after is None),
         "no running or waiting request": state["running"] == 0 and state["waiting"] == 0,
         "every cache block free": state["blocks_used"] == 0,
         "RSS within 10% of after warm-up": abs(growth) <= 0.10,

@@ -29,6 +29,7 @@ def result(tmp_path_factory):
 
 @pytest.mark.parametrize("check", [
     "every request accounted for", "no errors", "some refused with 503", "some aborted by disconnect",
+    "clients that stay are never aborted",
     "no running or waiting request", "every cache block free", "RSS within 10% of after warm-up", "server alive",
 ])
 def test_short_soak(result, check):
@@ -37,6 +38,10 @@ def test_short_soak(result, check):
 
 
 def test_short_soak_covered_every_kind_of_client(result):
+    """Requests of every kind completed: streamed and whole, with and without images, through the SDK and
+    httpx. (How many complete depends on the machine's speed: a slower server refuses more of the bursts.)"""
     assert sum(result["outcomes"].values()) == result["requests"] == 60
     assert min(result["streamed"], result["with_images"], result["through_sdk"], result["disconnecting"]) > 0
-    assert result["outcomes"]["completed"] >= 20
+    completed = [set(k["kind"].split("/")) for k in result["by_kind"] if k["outcome"] == "completed"]
+    for part in ("chat", "completion", "stream", "whole", "image", "text", "sdk", "httpx"):
+        assert any(part in kind for kind in completed), f"no {part} request completed: {result['by_kind']}"
