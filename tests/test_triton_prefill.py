@@ -3,33 +3,22 @@
 Each case fills a paged cache with random factors (or plain keys and values), then runs one step's prefill
 chunks (several sequences, cached prefixes of any length, chunks that are not multiples of the block size,
 decodes before them in the batch) through both backends. Without CUDA the kernel runs in Triton's
-interpreter with small head sizes; the group sizes are those of the real models. Tolerances as for decode:
-relative error under 1e-5 in float32 and under 1e-2 in bfloat16 and float16.
+interpreter (test_triton_backend, imported first, turns it on, or skips the module without triton) with
+small head sizes; the group sizes are those of the real models. Tolerances as for decode: relative error
+under 1e-5 in float32 and under 1e-2 in bfloat16 and float16.
 """
-
-import os
 
 import pytest
 import torch
+from test_triton_backend import DEVICE, PRESETS, SCALE, TOLERANCE, needs_cuda, relative_error
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the CPU runs the interpreter
+from tpa_model.backends import attend
+from tpa_model.backends.reference import ReferenceBackend
+from tpa_model.backends.triton_decode import TritonBackend
+from tpa_model.backends.triton_prefill import prefill_attention
+from tpa_model.kv_cache import CacheSpec, KVCache
+from tpa_model.metadata import build_metadata
 
-pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[test]' installs it)")
-
-from test_triton_backend import PRESETS, TOLERANCE, relative_error  # noqa: E402
-
-from tpa_model.backends import attend  # noqa: E402
-from tpa_model.backends.reference import ReferenceBackend  # noqa: E402
-from tpa_model.backends.triton_decode import TritonBackend  # noqa: E402
-from tpa_model.backends.triton_prefill import prefill_attention  # noqa: E402
-from tpa_model.kv_cache import CacheSpec, KVCache  # noqa: E402
-from tpa_model.metadata import build_metadata  # noqa: E402
-
-SCALE = 0.3
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 # (cached prefix, new tokens) per sequence: decodes first, then chunks with and without a prefix
 STEP = [(6, 1), (30, 1), (0, 13), (17, 9), (40, 21)]
 

@@ -1,4 +1,4 @@
-"""What the Triton kernels share: the running-max floor, dtypes of their products, and tile padding."""
+"""What the Triton kernels share: the online softmax step, dtypes of their products, and tile padding."""
 
 from __future__ import annotations
 
@@ -10,6 +10,17 @@ import triton.language as tl
 
 NEG = tl.constexpr(-1e30)  # running-max floor: an empty tile or split then weighs exp(NEG - m) = 0, never NaN
 MIN_DOT = 16  # tl.dot on a GPU needs every dimension >= 16: heads, tokens and head_dim are padded to it
+
+@triton.jit
+def online_softmax_step(m, l, s):
+    """A tile of scores s [rows, keys] into the running max m and sum l [rows] of an online softmax. Returns
+    (m, l, p, alpha): the new max and sum, the tile's unnormalized probabilities, and the factor that rescales
+    what was accumulated before. A row with no visible key so far keeps m = NEG: p = 0, never NaN."""
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    p = tl.exp(s - m_new[:, None])
+    alpha = tl.exp(m - m_new)
+    return m_new, l * alpha + tl.sum(p, axis=1), p, alpha
+
 
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 

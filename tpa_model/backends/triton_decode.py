@@ -47,7 +47,7 @@ import triton.language as tl
 from ..kv_cache import LayerKV
 from ..metadata import AttentionMetadata, PoolMetadata
 from .reference import ReferenceBackend
-from .triton_common import MIN_DOT, NEG, TL_DTYPES, dot_dtype, pad
+from .triton_common import MIN_DOT, NEG, TL_DTYPES, dot_dtype, online_softmax_step, pad
 from .triton_prefill import prefill_attention
 
 MERGE_SPLITS = 16  # splits the merge kernel reads at a time
@@ -156,12 +156,8 @@ def decode_split_kernel(
         s = tl.where(tok_ok[None, :], s * scale, float("-inf"))
 
         # online softmax: rescale what came before to the new running max
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m - m_new)
-        l = l * alpha + tl.sum(p, axis=1)
+        m, l, p, alpha = online_softmax_step(m, l, s)
         acc = acc * alpha[:, None]
-        m = m_new
 
         # values: acc += p V, V rank by rank from its factors (p a_v cast to the cache dtype, as the reference)
         if V_FACTORED:

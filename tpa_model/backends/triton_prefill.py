@@ -28,7 +28,7 @@ import triton.language as tl
 
 from ..kv_cache import LayerKV
 from ..metadata import AttentionMetadata, PoolMetadata
-from .triton_common import NEG, TL_DTYPES, dot_dtype, pad
+from .triton_common import NEG, TL_DTYPES, dot_dtype, online_softmax_step, pad
 
 
 @triton.jit
@@ -111,11 +111,7 @@ def prefill_kernel(
             visible = visible & (q_pos[:, None] - key_pos[None, :] < window)
         s = tl.where(visible, s, float("-inf"))
 
-        m_new = tl.maximum(m, tl.max(s, axis=1))  # rows with no visible key keep m = NEG: p = 0, never NaN
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m - m_new)
-        l = l * alpha + tl.sum(p, axis=1)
-        m = m_new
+        m, l, p, alpha = online_softmax_step(m, l, s)
 
         if V_FACTORED and RV == 1:  # rank 1: (p a) b
             b = tl.load(v1_ptr + slots[:, None] * D + dims[None, :], mask=tok_ok[:, None] & dim_ok[None, :], other=0.0)
