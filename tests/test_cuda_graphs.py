@@ -29,7 +29,7 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 # three prompts long enough to slide the demo model's window (16), with different output lengths so that the
 # decode batch shrinks from 3 (padded to 4) to 2 and 1 as sequences finish
 PROMPTS = [[2, 10, 11, 12], [2] + list(range(40, 61)), [2, 40]]
-MAX_TOKENS = [12, 7, 3]
+MAX_TOKENS = [8, 5, 2]
 
 
 def test_batch_sizes():
@@ -88,7 +88,8 @@ def test_pad_block_is_outside_every_block_manager(demo):
     report counts only the usable blocks."""
     path, tokenizer = demo
     model = load_model(path, device=DEVICE)
-    _, engine, _ = greedy(model, tokenizer, cuda_graphs=True, num_blocks=40)
+    engine = LLMEngine(model, tokenizer, EngineConfig(block_size=4, num_blocks=40, attention_backend="triton",
+                                                      cuda_graphs=True, max_num_seqs=6))
     runner = engine.runner
     for pool in runner.kv.pools:
         assert engine.managers[pool.name].pool.num_blocks == 40 == runner.num_blocks[pool.name]
