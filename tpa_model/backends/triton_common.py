@@ -1,4 +1,4 @@
-"""What the Triton kernels share: the online softmax step, dtypes of their products, and tile padding."""
+"""What the Triton kernels share: reading the paged cache, the online softmax step, dtypes and tile padding."""
 
 from __future__ import annotations
 
@@ -20,6 +20,28 @@ def online_softmax_step(m, l, s):
     p = tl.exp(s - m_new[:, None])
     alpha = tl.exp(m - m_new)
     return m_new, l * alpha + tl.sum(p, axis=1), p, alpha
+
+
+@triton.jit
+def table_slots(table_ptr, seq, table_stride, t, tok_ok, BLOCK_SIZE: tl.constexpr):
+    """The cache slot of each of a sequence's keys t (columns of its block table, from 0): block * size +
+    offset, int64 as the table, so large caches never overflow."""
+    block = tl.load(table_ptr + seq * table_stride + t // BLOCK_SIZE, mask=tok_ok, other=0)
+    return block * BLOCK_SIZE + t % BLOCK_SIZE
+
+
+@triton.jit
+def token_rows(ptr, slots, tok_ok, dims, dim_ok, r, R: tl.constexpr, D: tl.constexpr):
+    """[tokens, D]: the token factor of rank r of each token (d contiguous numbers per row)."""
+    ptrs = ptr + slots[:, None] * (R * D) + r * D + dims[None, :]
+    return tl.load(ptrs, mask=tok_ok[:, None] & dim_ok[None, :], other=0.0)
+
+
+@triton.jit
+def plain_rows(ptr, group, num_slots, slots, tok_ok, dims, dim_ok, D: tl.constexpr):
+    """[tokens, D]: one kv group's plain keys (or values) of the tile; the part is stored [G, slots, d]."""
+    ptrs = ptr + (group.to(tl.int64) * num_slots + slots[:, None]) * D + dims[None, :]
+    return tl.load(ptrs, mask=tok_ok[:, None] & dim_ok[None, :], other=0.0)
 
 
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}

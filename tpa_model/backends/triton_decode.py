@@ -47,7 +47,17 @@ import triton.language as tl
 from ..kv_cache import LayerKV
 from ..metadata import AttentionMetadata, PoolMetadata
 from .reference import ReferenceBackend
-from .triton_common import MIN_DOT, NEG, TL_DTYPES, dot_dtype, online_softmax_step, pad
+from .triton_common import (
+    MIN_DOT,
+    NEG,
+    TL_DTYPES,
+    dot_dtype,
+    online_softmax_step,
+    pad,
+    plain_rows,
+    table_slots,
+    token_rows,
+)
 from .triton_prefill import prefill_attention
 
 MERGE_SPLITS = 16  # splits the merge kernel reads at a time
@@ -66,20 +76,6 @@ def _head_factor(ptr, slots, tok_ok, groups, head_ok, r, R: tl.constexpr, G: tl.
     A head factor is R * G numbers per token; the few bytes a row reads stay in L1 for the other ranks."""
     ptrs = ptr + slots[None, :] * (R * G) + r * G + groups[:, None]
     return tl.load(ptrs, mask=head_ok[:, None] & tok_ok[None, :], other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _token_rows(ptr, slots, tok_ok, dims, dim_ok, r, R: tl.constexpr, D: tl.constexpr):
-    """[BLOCK_T, D]: the token factor of rank r of each token (d contiguous numbers per row)."""
-    ptrs = ptr + slots[:, None] * (R * D) + r * D + dims[None, :]
-    return tl.load(ptrs, mask=tok_ok[:, None] & dim_ok[None, :], other=0.0)
-
-
-@triton.jit
-def _plain_rows(ptr, group, num_slots, slots, tok_ok, dims, dim_ok, D: tl.constexpr):
-    """[BLOCK_T, D]: one kv group's plain keys (or values) of the tile; the part is stored [G, slots, d]."""
-    ptrs = ptr + (group.to(tl.int64) * num_slots + slots[:, None]) * D + dims[None, :]
-    return tl.load(ptrs, mask=tok_ok[:, None] & dim_ok[None, :], other=0.0)
 
 
 @triton.jit
@@ -140,18 +136,17 @@ def decode_split_kernel(
     for t0 in range(start, end, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         tok_ok = t < end
-        block = tl.load(table_ptr + seq * table_stride + t // BLOCK_SIZE, mask=tok_ok, other=0)
-        slots = block * BLOCK_SIZE + t % BLOCK_SIZE  # int64, as the table: no overflow on large caches
+        slots = table_slots(table_ptr, seq, table_stride, t, tok_ok, BLOCK_SIZE)
 
         # scores [HEADS, BLOCK_T], float32
         if K_FACTORED:
             s = tl.zeros([HEADS_PAD, BLOCK_T], tl.float32)
             for r in tl.static_range(RK):
-                b = _token_rows(k1_ptr, slots, tok_ok, dims, dim_ok, r, RK, D).to(DOT_DTYPE)
+                b = token_rows(k1_ptr, slots, tok_ok, dims, dim_ok, r, RK, D).to(DOT_DTYPE)
                 qb = tl.dot(q, tl.trans(b), input_precision=DOT_PRECISION)
                 s += qb * _head_factor(k0_ptr, slots, tok_ok, groups, head_ok, r, RK, G)
         else:
-            k = _plain_rows(k0_ptr, group, num_slots, slots, tok_ok, dims, dim_ok, D).to(DOT_DTYPE)
+            k = plain_rows(k0_ptr, group, num_slots, slots, tok_ok, dims, dim_ok, D).to(DOT_DTYPE)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s = tl.where(tok_ok[None, :], s * scale, float("-inf"))
 
@@ -162,11 +157,11 @@ def decode_split_kernel(
         # values: acc += p V, V rank by rank from its factors (p a_v cast to the cache dtype, as the reference)
         if V_FACTORED:
             for r in tl.static_range(RV):
-                b = _token_rows(v1_ptr, slots, tok_ok, dims, dim_ok, r, RV, D).to(DOT_DTYPE)
+                b = token_rows(v1_ptr, slots, tok_ok, dims, dim_ok, r, RV, D).to(DOT_DTYPE)
                 pa = p * _head_factor(v0_ptr, slots, tok_ok, groups, head_ok, r, RV, G)
                 acc += tl.dot(pa.to(CACHE_DTYPE).to(DOT_DTYPE), b, input_precision=DOT_PRECISION)
         else:
-            v = _plain_rows(v0_ptr, group, num_slots, slots, tok_ok, dims, dim_ok, D).to(DOT_DTYPE)
+            v = plain_rows(v0_ptr, group, num_slots, slots, tok_ok, dims, dim_ok, D).to(DOT_DTYPE)
             acc += tl.dot(p.to(CACHE_DTYPE).to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
 
     row = (seq * H + heads) * S + split  # [HEADS_PAD] index into [B, H, S]

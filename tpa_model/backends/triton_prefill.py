@@ -28,7 +28,22 @@ import triton.language as tl
 
 from ..kv_cache import LayerKV
 from ..metadata import AttentionMetadata, PoolMetadata
-from .triton_common import NEG, TL_DTYPES, dot_dtype, online_softmax_step, pad
+from .triton_common import (
+    NEG,
+    TL_DTYPES,
+    dot_dtype,
+    online_softmax_step,
+    pad,
+    plain_rows,
+    table_slots,
+    token_rows,
+)
+
+
+@triton.jit
+def _group_factor(ptr, slots, tok_ok, group, r, R: tl.constexpr, G: tl.constexpr):
+    """[tokens] float32: a[t, r, group], the head factor of rank r of each token for one kv group."""
+    return tl.load(ptr + slots * (R * G) + r * G + group, mask=tok_ok, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -37,16 +52,13 @@ def _key_tile(part0_ptr, part1_ptr, group, num_slots, slots, tok_ok, dims, dim_o
               D_PAD: tl.constexpr, CACHE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """[BLOCK_N, D_PAD] keys (or values) of kv group `group` for a tile of slots: plain rows as stored
     ([G, slots, d]), or rebuilt from the factors (head [slots, R, G], token [slots, R, d])."""
-    mask = tok_ok[:, None] & dim_ok[None, :]
     if FACTORED:
         rows = tl.zeros([BLOCK_N, D_PAD], tl.float32)
         for r in tl.static_range(R):
-            a = tl.load(part0_ptr + slots * (R * G) + r * G + group, mask=tok_ok, other=0.0).to(tl.float32)
-            b = tl.load(part1_ptr + slots[:, None] * (R * D) + r * D + dims[None, :], mask=mask, other=0.0)
-            rows += a[:, None] * b.to(tl.float32)
+            a = _group_factor(part0_ptr, slots, tok_ok, group, r, R, G)
+            rows += a[:, None] * token_rows(part1_ptr, slots, tok_ok, dims, dim_ok, r, R, D).to(tl.float32)
         return rows.to(CACHE_DTYPE).to(DOT_DTYPE)
-    ptrs = part0_ptr + (group.to(tl.int64) * num_slots + slots[:, None]) * D + dims[None, :]
-    return tl.load(ptrs, mask=mask, other=0.0).to(DOT_DTYPE)
+    return plain_rows(part0_ptr, group, num_slots, slots, tok_ok, dims, dim_ok, D).to(DOT_DTYPE)
 
 
 @triton.jit
@@ -94,14 +106,13 @@ def prefill_kernel(
     for t0 in range(lo, hi, BLOCK_N):
         t = t0 + tl.arange(0, BLOCK_N)
         tok_ok = t < hi
-        block = tl.load(table_ptr + seq * table_stride + t // BLOCK_SIZE, mask=tok_ok, other=0)
-        slots = block * BLOCK_SIZE + t % BLOCK_SIZE
+        slots = table_slots(table_ptr, seq, table_stride, t, tok_ok, BLOCK_SIZE)
         key_pos = first + t
 
         if K_FACTORED and RK == 1:  # rank 1: (q . b) a, the token factor as it is stored
-            b = tl.load(k1_ptr + slots[:, None] * D + dims[None, :], mask=tok_ok[:, None] & dim_ok[None, :], other=0.0)
-            a = tl.load(k0_ptr + slots * G + group, mask=tok_ok, other=0.0).to(tl.float32)
-            s = tl.dot(q, tl.trans(b.to(DOT_DTYPE)), input_precision=DOT_PRECISION) * a[None, :] * scale
+            b = token_rows(k1_ptr, slots, tok_ok, dims, dim_ok, 0, 1, D).to(DOT_DTYPE)
+            a = _group_factor(k0_ptr, slots, tok_ok, group, 0, 1, G)
+            s = tl.dot(q, tl.trans(b), input_precision=DOT_PRECISION) * a[None, :] * scale
         else:
             k = _key_tile(k0_ptr, k1_ptr, group, num_slots, slots, tok_ok, dims, dim_ok, K_FACTORED, RK, G, D,
                           BLOCK_N, D_PAD, CACHE_DTYPE, DOT_DTYPE)
@@ -114,10 +125,9 @@ def prefill_kernel(
         m, l, p, alpha = online_softmax_step(m, l, s)
 
         if V_FACTORED and RV == 1:  # rank 1: (p a) b
-            b = tl.load(v1_ptr + slots[:, None] * D + dims[None, :], mask=tok_ok[:, None] & dim_ok[None, :], other=0.0)
-            a = tl.load(v0_ptr + slots * G + group, mask=tok_ok, other=0.0).to(tl.float32)
-            pv = (p * a[None, :]).to(CACHE_DTYPE).to(DOT_DTYPE)
-            acc = acc * alpha[:, None] + tl.dot(pv, b.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+            b = token_rows(v1_ptr, slots, tok_ok, dims, dim_ok, 0, 1, D).to(DOT_DTYPE)
+            pv = (p * _group_factor(v0_ptr, slots, tok_ok, group, 0, 1, G)[None, :]).to(CACHE_DTYPE).to(DOT_DTYPE)
+            acc = acc * alpha[:, None] + tl.dot(pv, b, input_precision=DOT_PRECISION)
         else:
             v = _key_tile(v0_ptr, v1_ptr, group, num_slots, slots, tok_ok, dims, dim_ok, V_FACTORED, RV, G, D,
                           BLOCK_N, D_PAD, CACHE_DTYPE, DOT_DTYPE)
