@@ -44,6 +44,15 @@ def plain_rows(ptr, group, num_slots, slots, tok_ok, dims, dim_ok, D: tl.constex
     return tl.load(ptrs, mask=tok_ok[:, None] & dim_ok[None, :], other=0.0)
 
 
+def kernel_parts(kv) -> tuple:
+    """(k0, k1, v0, v1, num_slots): a layer's storage as the kernels take it. A factored part is its (head,
+    token) factors; a plain part [G, slots, d] is passed twice (the kernels read only the first)."""
+    k0, k1 = kv.k if kv.spec.k_factored else (kv.k[0], kv.k[0])
+    v0, v1 = kv.v if kv.spec.v_factored else (kv.v[0], kv.v[0])
+    num_slots = kv.k[0].shape[0] if kv.spec.k_factored else kv.k[0].shape[1]
+    return k0, k1, v0, v1, num_slots
+
+
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 

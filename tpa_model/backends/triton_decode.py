@@ -52,6 +52,7 @@ from .triton_common import (
     NEG,
     TL_DTYPES,
     dot_dtype,
+    kernel_parts,
     online_softmax_step,
     pad,
     plain_rows,
@@ -226,9 +227,8 @@ class TritonBackend(ReferenceBackend):
 
     def decode(self, q: torch.Tensor, kv: LayerKV, pool: PoolMetadata, meta: AttentionMetadata, scale: float):
         B, H, d = q.shape  # B decode sequences
-        spec = kv.spec
         q = q.contiguous()
-        config = self.kernel_config(spec, H, pool.block_size)
+        config = self.kernel_config(kv.spec, H, pool.block_size)
         head_programs = H // config["HEADS"]
         # the longest visible key range, from the host copy of the tables (no device sync); a windowed pool's
         # table holds only the window's blocks. A captured step's metadata gives its tables' full width.
@@ -237,9 +237,7 @@ class TritonBackend(ReferenceBackend):
         m = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
         l = torch.empty_like(m)
         acc = torch.empty(B, H, S, d, dtype=torch.float32, device=q.device)
-        k0, k1 = kv.k if spec.k_factored else (kv.k[0], kv.k[0])
-        v0, v1 = kv.v if spec.v_factored else (kv.v[0], kv.v[0])
-        num_slots = kv.k[0].shape[0] if spec.k_factored else kv.k[0].shape[1]
+        k0, k1, v0, v1, num_slots = kernel_parts(kv)
         table, window = pool.block_tables, pool.window or 0
         decode_split_kernel[(head_programs, B, S)](
             q, q.stride(0), k0, k1, v0, v1, num_slots,

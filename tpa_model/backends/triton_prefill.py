@@ -32,6 +32,7 @@ from .triton_common import (
     NEG,
     TL_DTYPES,
     dot_dtype,
+    kernel_parts,
     online_softmax_step,
     pad,
     plain_rows,
@@ -164,12 +165,9 @@ def prefill_attention(q: torch.Tensor, kv: LayerKV, pool: PoolMetadata, meta: At
     offset = meta.query_start[first_seq]  # q's row 0 is this row of the step
     longest = max(meta.query_start[i + 1] - meta.query_start[i] for i in meta.prefill_seqs())
     config = prefill_config(kv.spec, H, pool.block_size, rows, block_n)
-    spec = kv.spec
-    k0, k1 = kv.k if spec.k_factored else (kv.k[0], kv.k[0])
-    v0, v1 = kv.v if spec.v_factored else (kv.v[0], kv.v[0])
-    num_slots = kv.k[0].shape[0] if spec.k_factored else kv.k[0].shape[1]
+    k0, k1, v0, v1, num_slots = kernel_parts(kv)
     table = pool.block_tables
-    grid = (triton.cdiv(longest, config["BLOCK_M"]), num_seqs, spec.kv_heads)
+    grid = (triton.cdiv(longest, config["BLOCK_M"]), num_seqs, kv.spec.kv_heads)
     prefill_kernel[grid](
         q, q.stride(0), out, out.stride(0), k0, k1, v0, v1, num_slots,
         meta.seq_starts, first_seq, offset, table, table.stride(0), pool.first_key_pos, meta.positions, meta.limits,
