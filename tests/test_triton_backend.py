@@ -282,9 +282,7 @@ def test_gpu_real_models_greedy_equal_cpu(name):
     assert greedy_tokens(gpu, tokenizer, prompts, "triton", 16) == expected
 
 
-def test_gpu_benchmark_refuses_without_cuda_and_runs_its_smoke_check(capsys):
-    """bench/gpu/decode_attention.py: exit 2 with the reason on a machine without CUDA; --smoke runs every
-    side once on tiny shapes in the interpreter (checks the script, measures nothing)."""
+def decode_attention_bench():
     import importlib.util
     from pathlib import Path
 
@@ -292,12 +290,50 @@ def test_gpu_benchmark_refuses_without_cuda_and_runs_its_smoke_check(capsys):
     spec = importlib.util.spec_from_file_location("decode_attention_bench", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_gpu_benchmark_refuses_without_cuda_and_runs_its_smoke_check(capsys):
+    """bench/gpu/decode_attention.py: exit 2 with the reason on a machine without CUDA; --smoke runs every
+    side once on tiny shapes in the interpreter (checks the script, measures nothing)."""
+    bench = decode_attention_bench()
     if not CUDA:
         assert bench.main([]) == 2
         assert "needs a CUDA device" in capsys.readouterr().err
     assert bench.main(["--smoke"]) == 0
     table = capsys.readouterr().out
     assert "standard" in table and "k1 v1" in table
+
+
+def test_gpu_benchmark_library_layouts_attend_like_the_reference():
+    """The benchmark's FlashInfer and flash-attn sides get the cell's keys and values in the libraries' own
+    page layouts: read back through their page tables and attended with SDPA, each gives the reference
+    backend's output (the libraries themselves run only where they install)."""
+    import torch.nn.functional as F
+
+    bench = decode_attention_bench()
+    cell = bench.Cell((4, 2, 16), (2, 2), batch=3, context=300, dtype=torch.float32, device=torch.device("cpu"))
+    expected = cell.decode(ReferenceBackend())()
+
+    def attend_dense(keys, values):  # per sequence [T, G, d]
+        q = cell.q.unsqueeze(2)  # [B, H, 1, d]
+        k, v = (torch.stack(x).transpose(1, 2) for x in (keys, values))  # [B, G, T, d]
+        return F.scaled_dot_product_attention(q, k, v, scale=bench.SCALE, enable_gqa=True).squeeze(2)
+
+    k, v, indptr, indices, last_page = bench.flashinfer_layout(cell)
+    keys, values = [], []
+    for b in range(3):
+        pages = indices[indptr[b]:indptr[b + 1]]
+        n = (len(pages) - 1) * bench.BLOCK + last_page[b]
+        keys.append(k[pages].transpose(1, 2).reshape(-1, *k.shape[1::2])[:n])  # [pages, G, P, d] -> [T, G, d]
+        values.append(v[pages].transpose(1, 2).reshape(-1, *v.shape[1::2])[:n])
+    torch.testing.assert_close(attend_dense(keys, values), expected)
+
+    k, v, table, lengths = bench.flash_attn_layout(cell)
+    assert table.shape == (3, 2) and not torch.equal(table.view(-1).sort().values, table.view(-1))  # shuffled
+    keys = [k[table[b]].reshape(-1, *k.shape[2:])[:lengths[b]] for b in range(3)]
+    values = [v[table[b]].reshape(-1, *v.shape[2:])[:lengths[b]] for b in range(3)]
+    torch.testing.assert_close(attend_dense(keys, values), expected)
 
 
 COMPILE_FOR_H100 = """

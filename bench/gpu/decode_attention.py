@@ -8,6 +8,12 @@ decodes one query. Sides, each timed with CUDA events (median of several calls a
     reference     our PyTorch reference backend on the same cache (skipped beyond --reference-max-tokens)
     sdpa paged    a standard paged cache: K and V gathered through the block table, then SDPA (GQA)
     sdpa static   SDPA on K and V already contiguous (a static cache; the floor of any SDPA path)
+    flashinfer    FlashInfer's paged decode (BatchDecodeWithPagedKVCacheWrapper) on a standard cache of 16-token
+                  pages, when flashinfer imports (else the row says why it was skipped)
+    flash-attn    flash-attn's flash_attn_with_kvcache on a standard cache of 256-token pages (its smallest),
+                  when flash_attn imports
+The two libraries read their own layout of the same keys and values (copied once, untimed); each side's output
+is checked against the Triton backend's (max_err) so that a misconfigured call cannot pass as a fast one.
 Bandwidth: the cache bytes the step must read (bytes per token of the layout x tokens) over the time, as a
 fraction of a measured device-to-device copy (bytes read + written over its time). Targets from issue 11:
 >= 70% of copy bandwidth at long context; beyond 8k tokens, triton on factors faster than sdpa paged by at
@@ -35,6 +41,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 SHAPES = {"12b": (16, 8, 256), "27b": (32, 16, 128), "tiny": (4, 2, 16)}  # (query heads, kv heads, head_dim)
 BLOCK = 16
+SCALE = 0.0625
+FLASH_ATTN_PAGE = 256  # flash-attn's paged KV needs pages of a multiple of 256 tokens
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -112,13 +120,14 @@ class Cell:
         self.meta = build_metadata(self.kv, ReferenceBackend(), [context - 1] * batch, [1] * batch, [order],
                                    list(range(batch)), device=device)
         self.q = torch.randn(batch, H, d, generator=gen, device=device).to(dtype)
+        self.context, self.blocks = context, blocks
         self.tokens = batch * context
         layer = self.kv.layers[0]
         self.bytes_per_token = layer.nbytes / (batch * blocks * BLOCK)
 
     def decode(self, backend):
         layer, pool = self.kv.layers[0], self.meta.pools[0]
-        return lambda: backend.decode(self.q, layer, pool, self.meta, 0.0625)
+        return lambda: backend.decode(self.q, layer, pool, self.meta, SCALE)
 
 
 def sdpa_sides(cell: Cell, timer: Timer, static: bool) -> dict[str, float]:
@@ -138,14 +147,91 @@ def sdpa_sides(cell: Cell, timer: Timer, static: bool) -> dict[str, float]:
 
     def paged():
         k, v = gathered()
-        return F.scaled_dot_product_attention(q, k, v, scale=0.0625, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, scale=SCALE, enable_gqa=True)
 
     out = {"sdpa_paged_ms": timer(paged)}
     if static:
         k, v = (t.contiguous() for t in gathered())
-        out["sdpa_static_ms"] = timer(lambda: F.scaled_dot_product_attention(q, k, v, scale=0.0625,
+        out["sdpa_static_ms"] = timer(lambda: F.scaled_dot_product_attention(q, k, v, scale=SCALE,
                                                                               enable_gqa=True))
         del k, v
+    return out
+
+
+def flashinfer_layout(cell: Cell):
+    """The cell's standard cache as FlashInfer reads it: K and V [pages, G, BLOCK, d] (HND), and its CSR page
+    table (indptr [B + 1], the cell's block tables as page indices, tokens in each last page [B])."""
+    kv, tables = cell.kv.layers[0], cell.meta.pools[0].block_tables[:, :cell.blocks]
+    G, _, d = kv.k[0].shape
+    B, device = cell.q.shape[0], cell.q.device
+    k, v = (store.view(G, -1, BLOCK, d).transpose(0, 1).contiguous() for store in (kv.k[0], kv.v[0]))
+    indptr = torch.arange(B + 1, dtype=torch.int32, device=device) * cell.blocks
+    last_page = torch.full((B,), cell.context - (cell.blocks - 1) * BLOCK, dtype=torch.int32, device=device)
+    return k, v, indptr, tables.reshape(-1).to(torch.int32), last_page
+
+
+def flashinfer_decode(cell: Cell):
+    """FlashInfer's batch decode (BatchDecodeWithPagedKVCacheWrapper, planned once) on flashinfer_layout."""
+    import flashinfer
+
+    k, v, indptr, indices, last_page = flashinfer_layout(cell)
+    H, (G, d) = cell.q.shape[1], k.shape[1::2]
+    workspace = torch.empty(256 << 20, dtype=torch.uint8, device=k.device)
+    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "HND")
+    wrapper.plan(indptr, indices, last_page, H, G, d, BLOCK, q_data_type=cell.q.dtype, kv_data_type=k.dtype,
+                 sm_scale=SCALE)
+    return lambda: wrapper.run(cell.q, (k, v))
+
+
+def flash_attn_layout(cell: Cell, seed: int = 0):
+    """The cell's standard cache as flash-attn reads it: K and V [pages, FLASH_ATTN_PAGE, G, d] with the pages
+    in shuffled order, the block table [B, pages per sequence] and the lengths [B]."""
+    from tpa_model.backends.reference import gather_plain
+
+    kv, tables = cell.kv.layers[0], cell.meta.pools[0].block_tables[:, :cell.blocks]
+    B, device = cell.q.shape[0], cell.q.device
+    per_seq = -(-cell.context // FLASH_ATTN_PAGE)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    order = torch.randperm(B * per_seq, generator=gen, device=device)
+
+    def paged(store):  # [G, slots, d] -> sequence b's page j at order[b * per_seq + j]
+        dense = gather_plain(store, tables, BLOCK).permute(1, 2, 0, 3)  # [B, T, G, d]
+        dense = torch.nn.functional.pad(dense, (0, 0, 0, 0, 0, per_seq * FLASH_ATTN_PAGE - dense.shape[1]))
+        pages = torch.empty_like(dense).view(B * per_seq, FLASH_ATTN_PAGE, *dense.shape[2:])
+        pages[order] = dense.reshape(pages.shape)
+        return pages
+
+    lengths = torch.full((B,), cell.context, dtype=torch.int32, device=device)
+    return paged(kv.k[0]), paged(kv.v[0]), order.view(B, per_seq).to(torch.int32), lengths
+
+
+def flash_attn_decode(cell: Cell):
+    """flash-attn's flash_attn_with_kvcache on flash_attn_layout."""
+    from flash_attn import flash_attn_with_kvcache
+
+    k, v, table, lengths = flash_attn_layout(cell)
+    q = cell.q.unsqueeze(1)  # [B, 1, H, d]
+    return lambda: flash_attn_with_kvcache(q, k, v, cache_seqlens=lengths, block_table=table,
+                                           softmax_scale=SCALE).squeeze(1)
+
+
+LIBRARIES = {"flashinfer": flashinfer_decode, "flash_attn": flash_attn_decode}
+
+
+def library_sides(cell: Cell, timer: Timer, expected: torch.Tensor, room: bool) -> dict:
+    """Each library's time and its largest difference from the Triton output, or why it was skipped."""
+    out = {}
+    for name, build in LIBRARIES.items():
+        if not room:
+            out[f"{name}_skipped"] = "no memory for its copy of the cache"
+            continue
+        try:
+            step = build(cell)
+            out[f"{name}_max_err"] = (step().float() - expected.float()).abs().max().item()
+            out[f"{name}_ms"] = timer(step)
+        except Exception as e:  # not installed, or no kernel for this shape, device or dtype
+            out[f"{name}_skipped"] = f"{type(e).__name__}: {e}"[:200]
+        step = None  # frees the library's copy of the cache before the next one is made
     return out
 
 
@@ -178,11 +264,15 @@ def run_cell(name, shape, layout, batch, context, args, device, dtype, timer, co
         return row | {"skipped": f"needs {need / 2**30:.1f} GiB"}
     cell = Cell(shape, ranks, batch, context, dtype, device)
     row["bytes_per_token"] = cell.bytes_per_token
-    row["triton_ms"] = timer(cell.decode(TritonBackend()))
+    triton_step = cell.decode(TritonBackend())
+    row["triton_ms"] = timer(triton_step)
     if cell.tokens <= args.reference_max_tokens:
         row["reference_ms"] = timer(cell.decode(ReferenceBackend()))
     if standard:
         row |= sdpa_sides(cell, timer, static=fits(need, device, args.memory_fraction))
+        # flash-attn's copy is made through a gathered one: two more caches at once, at most
+        room = fits(cell_bytes(shape, ranks, batch, context, elt) * 2, device, args.memory_fraction)
+        row |= library_sides(cell, timer, triton_step(), room)
     seconds = row["triton_ms"] * 1e-3
     row["triton_gbps"] = cell.tokens * cell.bytes_per_token / seconds / 1e9
     row["fraction_of_copy"] = row["triton_gbps"] * 1e9 / copy_bw if copy_bw else None
@@ -193,7 +283,8 @@ def run_cell(name, shape, layout, batch, context, args, device, dtype, timer, co
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Per factor row: speed-up over sdpa paged at the same cell, and the ratio of bytes read."""
+    """Per factor row: speed-up over sdpa paged and over the faster library at the same cell, and the ratio of
+    bytes read."""
     standard = {(r["shape"], r["batch"], r["context"]): r for r in rows if r["layout"] == "standard"}
     for r in rows:
         s = standard.get((r["shape"], r["batch"], r["context"]))
@@ -201,6 +292,10 @@ def add_ratios(rows: list[dict]) -> None:
             continue
         r["speedup_vs_sdpa_paged"] = s["sdpa_paged_ms"] / r["triton_ms"]
         r["bytes_ratio"] = s["bytes_per_token"] / r["bytes_per_token"]
+        timed = [(s[f"{name}_ms"], name) for name in LIBRARIES if f"{name}_ms" in s]
+        if timed:
+            ms, r["fastest_library"] = min(timed)
+            r["speedup_vs_library"] = ms / r["triton_ms"]
 
 
 def fmt(x, spec=".3f") -> str:
@@ -209,17 +304,23 @@ def fmt(x, spec=".3f") -> str:
 
 def print_table(rows: list[dict]) -> None:
     print(f"{'shape':>5} {'layout':>9} {'batch':>5} {'context':>7} {'triton':>9} {'reference':>9} "
-          f"{'sdpa pg':>9} {'sdpa st':>9} {'GB/s':>7} {'of copy':>7} {'x sdpa':>6} {'bytes x':>7}")
+          f"{'sdpa pg':>9} {'sdpa st':>9} {'flashinf':>9} {'flash-at':>9} {'GB/s':>7} {'of copy':>7} "
+          f"{'x sdpa':>6} {'x lib':>6} {'bytes x':>7}")
     for r in rows:
         if "skipped" in r:
             print(f"{r['shape']:>5} {r['layout']:>9} {r['batch']:>5} {r['context']:>7} skipped: {r['skipped']}")
             continue
         print(f"{r['shape']:>5} {r['layout']:>9} {r['batch']:>5} {r['context']:>7} {fmt(r['triton_ms']):>9} "
               f"{fmt(r.get('reference_ms')):>9} {fmt(r.get('sdpa_paged_ms')):>9} {fmt(r.get('sdpa_static_ms')):>9} "
+              f"{fmt(r.get('flashinfer_ms')):>9} {fmt(r.get('flash_attn_ms')):>9} "
               f"{fmt(r['triton_gbps'], '.0f'):>7} {fmt(r.get('fraction_of_copy'), '.2f'):>7} "
-              f"{fmt(r.get('speedup_vs_sdpa_paged'), '.2f'):>6} {fmt(r.get('bytes_ratio'), '.1f'):>7}")
+              f"{fmt(r.get('speedup_vs_sdpa_paged'), '.2f'):>6} {fmt(r.get('speedup_vs_library'), '.2f'):>6} "
+              f"{fmt(r.get('bytes_ratio'), '.1f'):>7}")
     print("times in ms per layer and step; GB/s: cache bytes read by triton / its time; of copy: that over a "
-          "device-to-device copy's bandwidth")
+          "device-to-device copy's bandwidth; x lib: over the faster of flashinfer and flash-attn")
+    reasons = {f"{name}: {r[name + '_skipped']}" for r in rows for name in LIBRARIES if name + "_skipped" in r}
+    for reason in sorted(reasons):
+        print("skipped", reason)
 
 
 def main(argv=None) -> int:
