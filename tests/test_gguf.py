@@ -234,6 +234,70 @@ def test_not_gguf(tmp_path):
             GGUFTensors(path)
 
 
+def test_header_reader_equals_the_gguf_package(tmp_path):
+    """tpa_model.gguf_reader reads every metadata value type and every tensor type as the gguf package's reader
+    does (its values; float32 scalars as their shortest decimal), on a small file and SmolLM2's, and
+    arrays of arrays as what was written."""
+    from tpa_model.gguf_reader import GGUFFile
+
+    writer = gguf.GGUFWriter(str(tmp_path / "all.gguf"), "llama")
+    V = gguf.GGUFValueType
+    scalars = {V.UINT8: 7, V.INT8: -7, V.UINT16: 700, V.INT16: -700, V.UINT32: 70_000, V.INT32: -70_000,
+               V.FLOAT32: 1e-6, V.BOOL: True, V.STRING: "héllo ✓", V.UINT64: 2**40, V.INT64: -(2**40),
+               V.FLOAT64: 0.1}
+    for kind, value in scalars.items():
+        writer.add_key_value(f"test.{kind.name.lower()}", value, kind)
+    writer.add_array("test.ints", [1, -2, 3])
+    writer.add_array("test.floats", [0.5, -1.25])
+    writer.add_array("test.strings", ["a", "", "漢字"])
+    writer.add_array("test.nested", [[1, 2], ["x", "y", "z"]])
+    tensors = {f"t{i}": (random_bytes(k, seed=i), k) for i, k in enumerate(SUPPORTED_TYPES)}
+    tensors |= {f"n{i}": (np.arange(24).reshape(2, 3, 4).astype(t), None) for i, t in enumerate(NUMPY_TYPES.values())}
+    for name, (array, kind) in tensors.items():
+        writer.add_tensor(name, array, raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    def same(path):
+        ours, theirs = GGUFFile(path), gguf.GGUFReader(path)
+        expected = {k: f.contents() for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+        expected |= {k: float(str(np.float32(v))) for k, v in expected.items()
+                     if theirs.fields[k].types == [V.FLOAT32]}
+        # the package's contents() flattens an array of arrays (strings into their bytes): checked below instead
+        flat = {k for k, f in theirs.fields.items() if f.types[:2] == [V.ARRAY, V.ARRAY]}
+        assert {k: v for k, v in ours.fields.items() if k not in flat} == {k: expected[k] for k in expected
+                                                                            if k not in flat}
+        assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+        for a, b in zip(ours.tensors, theirs.tensors):
+            assert a.tensor_type == b.tensor_type and a.shape == tuple(b.shape.tolist()), a.name
+            assert a.data.dtype == b.data.dtype and a.data.shape == b.data.shape, a.name
+            assert a.data.tobytes() == b.data.tobytes(), a.name
+        return ours
+
+    ours = same(tmp_path / "all.gguf")
+    assert ours.fields["test.float32"] == 1e-6 and ours.fields["test.nested"] == [[1, 2], ["x", "y", "z"]]
+    assert ours.fields["test.string"] == "héllo ✓" and ours.fields["test.bool"] is True
+    assert len(ours.tensors) == len(SUPPORTED_TYPES) + len(NUMPY_TYPES)
+    same(real_model_path("smollm2"))  # the package takes 17 s on Gemma's vocabulary, which test_real_tokenizers covers
+
+
+def test_header_reader_refuses_what_it_cannot_read(tmp_path):
+    """Big-endian files and other versions get their own reason."""
+    from tpa_model.gguf_reader import GGUFFile, GGUFFormatError
+
+    path = write_gguf(tmp_path / "ok.gguf", "llama", LLAMA_META)
+    data = bytearray(path.read_bytes())
+    for version, match in [((3).to_bytes(4, "big"), "big-endian"), ((1).to_bytes(4, "little"), "version 1")]:
+        data[4:8] = version
+        path.write_bytes(bytes(data))
+        with pytest.raises(GGUFFormatError, match=match):
+            GGUFFile(path)
+        with pytest.raises(CheckpointError, match=rf"ok.gguf: cannot read GGUF file .*{match}"):
+            gguf_config(path)
+
+
 @pytest.mark.parametrize("keep", [8, 60, 0.5, 0.9, -1])
 def test_truncated(tmp_path, keep):
     tensors = {"token_embd.weight": np.ones((32, 64), np.float32), "blk.0.ffn_up.weight": np.ones((96, 64), np.float32)}

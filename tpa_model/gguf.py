@@ -3,7 +3,8 @@
 `gguf_config(path)` turns a file's metadata into a config.json dict, and `GGUFTensors(path)` has the interface
 of `checkpoint.TensorFiles`: tensors under their Hugging Face names, each dequantized to float32 only when
 asked for, so the loader streams a GGUF file one tensor at a time as it does safetensors shards. Parsing and
-dequantization are the `gguf` package's (by llama.cpp's authors); the file is memory-mapped, never read whole.
+dequantization is the `gguf` package's (by llama.cpp's authors), the header is read by `gguf_reader`; the file
+is memory-mapped, never read whole.
 
 What llama.cpp's converter did to the weights is undone here:
 - Gemma 3 RMSNorm weights are stored as w + 1 (Hugging Face keeps w and multiplies by 1 + w): 1 is subtracted.
@@ -31,6 +32,7 @@ import torch
 
 from .checkpoint import CheckpointError
 from .config import GLOBAL, SLIDING, default_layer_types
+from .gguf_reader import GGUFFile, GGUFFormatError, GGUFTensorInfo
 from .layers import llama3_frequencies
 
 SUPPORTED_ARCHITECTURES = ("gemma3", "llama")
@@ -72,9 +74,9 @@ GEMMA3_LOCAL_ROPE_BASE = 10_000.0  # llama.cpp: rope_freq_base_train_swa for LLM
 GEMMA3_27B_LAYERS = 62  # llama.cpp scales 27B queries by 1/sqrt(hidden / heads), other sizes by 1/sqrt(head_dim)
 
 
-def _open(path: Path) -> gguf.GGUFReader:
-    """The file's reader, parsed once per process (a 262k-token vocabulary takes seconds to parse, and the
-    model and its tokenizer both need it); it memory-maps the file, so keeping it costs no memory."""
+def _open(path: Path) -> GGUFFile:
+    """The file's header, parsed once per process (the model and its tokenizer both need it); the file is
+    memory-mapped, so keeping it costs no memory."""
     if not path.exists():
         raise CheckpointError(f"{path}: missing (expected a GGUF file)")
     stat = path.stat()
@@ -82,7 +84,7 @@ def _open(path: Path) -> gguf.GGUFReader:
 
 
 @functools.lru_cache(maxsize=4)
-def _open_uncached(path: Path, mtime_ns: int, size: int) -> gguf.GGUFReader:
+def _open_uncached(path: Path, mtime_ns: int, size: int) -> GGUFFile:
     if not path.exists():
         raise CheckpointError(f"{path}: missing (expected a GGUF file)")
     if not path.is_file():
@@ -92,33 +94,24 @@ def _open_uncached(path: Path, mtime_ns: int, size: int) -> gguf.GGUFReader:
     if magic != b"GGUF":
         raise CheckpointError(f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF')")
     try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises ValueError, KeyError, IndexError... on short or corrupt files
+        return GGUFFile(path)
+    except GGUFFormatError as e:
+        raise CheckpointError(f"{path}: cannot read GGUF file (truncated or corrupt?): {e}") from e
+    except (ValueError, UnicodeDecodeError, OSError) as e:  # an empty file cannot be mapped; a name is not UTF-8
         raise CheckpointError(f"{path}: cannot read GGUF file (truncated or corrupt?): {type(e).__name__}: {e}") from e
-    if reader.byte_order != "I":
-        raise CheckpointError(f"{path}: a big-endian GGUF file, which is not supported")
-    return reader
-
-
-def _value(field: Any) -> Any:
-    """A metadata value as a Python value; float32 scalars as the shortest decimal that rounds to them."""
-    value = field.contents()
-    if field.types == [gguf.GGUFValueType.FLOAT32]:
-        return float(str(np.float32(value)))  # 1e-06, not 9.999999974752427e-07
-    return value
 
 
 class _Metadata:
     """Typed access to one file's metadata, with errors that name the file and the key."""
 
-    def __init__(self, path: Path, reader: gguf.GGUFReader):
+    def __init__(self, path: Path, reader: GGUFFile):
         self.path = path
         self.fields = reader.fields
         self.tensors = {t.name: t for t in reader.tensors}
-        field = self.fields.get("general.architecture")
-        if field is None:
+        architecture = self.fields.get("general.architecture")
+        if architecture is None:
             raise CheckpointError(f"{path}: no general.architecture in the GGUF metadata")
-        self.architecture = str(field.contents())
+        self.architecture = str(architecture)
         if self.architecture not in SUPPORTED_ARCHITECTURES:
             raise CheckpointError(
                 f"{path}: GGUF architecture {self.architecture!r} is not supported "
@@ -126,8 +119,7 @@ class _Metadata:
             )
 
     def get(self, key: str, default: Any = None) -> Any:
-        field = self.fields.get(key)
-        return default if field is None else _value(field)
+        return self.fields.get(key, default)
 
     def arch(self, key: str, default: Any = None, required: bool = False) -> Any:
         """`{architecture}.{key}`."""
@@ -142,7 +134,7 @@ class _Metadata:
             return int(size)
         tokens = self.fields.get("tokenizer.ggml.tokens")
         if tokens is not None:
-            return len(tokens.data)
+            return len(tokens)
         if "token_embd.weight" in self.tensors:
             return int(self.tensors["token_embd.weight"].shape[-1])
         raise CheckpointError(f"{self.path}: cannot tell the vocabulary size (no vocab_size, token list or token_embd)")
@@ -329,7 +321,7 @@ def _unpermute_rotary(t: torch.Tensor, n_heads: int) -> torch.Tensor:
     return t.reshape(n_heads, rows // n_heads // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape).contiguous()
 
 
-def _dequantize(path: Path, tensor: Any, hf_name: str) -> np.ndarray:
+def _dequantize(path: Path, tensor: GGUFTensorInfo, hf_name: str) -> np.ndarray:
     kind = gguf.GGMLQuantizationType(tensor.tensor_type)
     try:
         values = gguf.quants.dequantize(tensor.data, kind)
@@ -342,14 +334,14 @@ def _dequantize(path: Path, tensor: Any, hf_name: str) -> np.ndarray:
         raise CheckpointError(
             f"{path}: tensor '{tensor.name}' ({hf_name}, {kind.name}) cannot be dequantized (corrupt?): {e}"
         ) from e
-    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))  # GGUF lists the fastest dimension first
+    shape = tuple(reversed(tensor.shape))  # GGUF lists the fastest dimension first
     values = np.asarray(values, dtype=np.float32).reshape(shape)
     if not values.flags.writeable:  # a float32 tensor is a view of the read-only memory map
         values = values.copy()
     return values
 
 
-def _rope_freqs(path: Path, reader: gguf.GGUFReader) -> np.ndarray:
+def _rope_freqs(path: Path, reader: GGUFFile) -> np.ndarray:
     tensor = next(t for t in reader.tensors if t.name == _ROPE_FREQS)
     return _dequantize(path, tensor, "rope_scaling")
 
@@ -373,11 +365,11 @@ class GGUFTensors:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._reader: gguf.GGUFReader | None = _open(self.path)
+        self._reader: GGUFFile | None = _open(self.path)
         meta = _Metadata(self.path, self._reader)
         self.architecture = meta.architecture
         self.config = _config(meta, lambda: _rope_freqs(self.path, self._reader))
-        self._tensors: dict[str, Any] = {}
+        self._tensors: dict[str, GGUFTensorInfo] = {}
         self._transforms: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
         for tensor in self._reader.tensors:
             if tensor.name == _ROPE_FREQS and self.architecture == "llama":
@@ -406,7 +398,7 @@ class GGUFTensors:
                 return lambda t: _unpermute_rotary(t, heads)
         return None
 
-    def _require_open(self) -> gguf.GGUFReader:
+    def _require_open(self) -> GGUFFile:
         if self._reader is None:
             raise CheckpointError(f"{self.path}: GGUF file already closed")
         return self._reader
@@ -447,8 +439,8 @@ def gguf_config(path: str | Path) -> dict[str, Any]:
     return _config(_Metadata(path, reader), lambda: _rope_freqs(path, reader))
 
 
-def open_gguf(path: str | Path) -> gguf.GGUFReader:
-    """A GGUF file's reader (shared by everything that reads the same file); CheckpointError if unreadable."""
+def open_gguf(path: str | Path) -> GGUFFile:
+    """A GGUF file's header (shared by everything that reads the same file); CheckpointError if unreadable."""
     return _open(Path(path))
 
 

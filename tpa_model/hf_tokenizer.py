@@ -122,8 +122,8 @@ class TokenizersTokenizer(ChatEncoding):
 
     @classmethod
     def from_gguf(cls, path: str | Path, reader: Any = None) -> TokenizersTokenizer:
-        """The tokenizer a GGUF file's metadata describes. `reader`: a `gguf.GGUFReader` of the file already
-        open elsewhere (parsing the metadata of a large vocabulary takes seconds), else the file is read here."""
+        """The tokenizer a GGUF file's metadata describes. `reader`: the file's header already open elsewhere
+        (`gguf.open_gguf`, shared with the model's loader), else the file is read here."""
         from .gguf import open_gguf
 
         path = Path(path)
@@ -342,7 +342,7 @@ class TokenizersTokenizer(ChatEncoding):
 def load_tokenizer(path: str | Path, gguf_reader: Any = None) -> GemmaTokenizer | TokenizersTokenizer:
     """The tokenizer of a checkpoint.
 
-    * a `.gguf` file: from its metadata (`gguf_reader`, a `gguf.GGUFReader` of it, saves reading it twice);
+    * a `.gguf` file: from its metadata (`gguf_reader`, its header from `gguf.open_gguf`, saves reading it twice);
     * a directory with `tokenizer.model`: `GemmaTokenizer.from_dir` (a non-Gemma SentencePiece model falls
       back to the directory's `tokenizer.json` when it has one);
     * a directory with `tokenizer.json`: `TokenizersTokenizer.from_hf_dir`.
@@ -445,29 +445,9 @@ _TOKENIZER_KEY = re.compile(r"^tokenizer\.")
 
 
 def _gguf_tokenizer_metadata(reader: Any) -> dict[str, Any]:
-    """The `tokenizer.*` fields of a `gguf.GGUFReader`, plus `general.architecture`, as Python values."""
-    meta = {}
-    for name, field in reader.fields.items():
-        if _TOKENIZER_KEY.match(name) or name == "general.architecture":
-            meta[name] = _gguf_field_value(field)
-    return meta
-
-
-def _gguf_field_value(field: Any) -> Any:
-    import gguf
-
-    string, array = gguf.GGUFValueType.STRING, gguf.GGUFValueType.ARRAY
-    if not field.types:
-        return None
-    if field.types[0] == array:
-        if field.types[-1] == string:
-            return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
-        if field.types[-1] == array:
-            raise ValueError(f"GGUF field {field.name} is an array of arrays, which no tokenizer field is")
-        return [field.parts[i][0].item() for i in field.data]
-    if field.types[0] == string:
-        return bytes(field.parts[field.data[0]]).decode("utf-8")
-    return field.parts[field.data[0]][0].item()
+    """The `tokenizer.*` fields of a GGUF file's header (`gguf_reader.GGUFFile`), plus `general.architecture`."""
+    return {name: value for name, value in reader.fields.items()
+            if _TOKENIZER_KEY.match(name) or name == "general.architecture"}
 
 
 def _merges_from_vocabulary(tokens: Sequence[str], priority: Sequence[float]) -> list[tuple[str, str]]:
