@@ -21,7 +21,6 @@ from PIL import Image
 from schemathesis import GenerationMode
 from test_server import MODEL, LiveServer
 
-# Examples per operation and phase (FUZZ_EXAMPLES to fuzz longer); the module takes 15-20 s on two shared cores.
 # Examples per operation and phase (FUZZ_EXAMPLES=200 to fuzz longer); the module takes 15-20 s on 2 shared cores.
 MAX_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", 40))
 
