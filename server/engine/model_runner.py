@@ -41,6 +41,19 @@ def cache_budget(total: int, in_use: int, peak_extra: int, utilization: float) -
     return budget
 
 
+def warmup_lengths(max_num_batched_tokens: int, max_num_seqs: int) -> list[int]:
+    """The largest step's sequences: single-token decodes next to one prefill chunk of the remaining tokens."""
+    seqs = max(1, min(max_num_seqs, max_num_batched_tokens))
+    return [1] * (seqs - 1) + [max_num_batched_tokens - (seqs - 1)]
+
+
+def warmup_cache_bytes(layout: CacheLayout, block_size: int, max_num_batched_tokens: int, max_num_seqs: int) -> int:
+    """The throwaway cache warmup_step allocates: the real cache is budgeted on its own, so a step's activation
+    peak leaves this out."""
+    blocks = sum(-(-n // block_size) for n in warmup_lengths(max_num_batched_tokens, max_num_seqs))
+    return blocks * sum(layout.block_bytes.values())
+
+
 def warmup_step(
     model: GemmaTPAModel, layout: CacheLayout, backend, block_size: int, max_num_batched_tokens: int,
     max_num_seqs: int,
@@ -48,8 +61,8 @@ def warmup_step(
     """One forward of the largest step the scheduler can make, over a throwaway cache freed on return:
     max_num_batched_tokens tokens, as many decodes as there can be sequences next to one prefill chunk of the
     rest, all of them computing logits (max_num_seqs rows, as the engine samples). Returns the logits' shape."""
-    seqs = max(1, min(max_num_seqs, max_num_batched_tokens))
-    lengths = [1] * (seqs - 1) + [max_num_batched_tokens - (seqs - 1)]
+    lengths = warmup_lengths(max_num_batched_tokens, max_num_seqs)
+    seqs = len(lengths)
     per_seq = [-(-n // block_size) for n in lengths]
     kv = KVCache(layout.specs, {pool: sum(per_seq) for pool in layout.block_bytes}, block_size, model.device)
     tables, next_block = [], 0
@@ -67,7 +80,8 @@ def warmup_step(
 
 def step_peak_bytes(model: GemmaTPAModel, layout: CacheLayout, backend, block_size: int, tokens: int,
                     seqs: int) -> int:
-    """CUDA: the memory a warm-up step of `tokens` tokens over `seqs` sequences allocates at its peak."""
+    """CUDA: the activation memory a warm-up step of `tokens` tokens over `seqs` sequences allocates at its
+    peak (not its throwaway cache)."""
     device = model.device
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -75,7 +89,7 @@ def step_peak_bytes(model: GemmaTPAModel, layout: CacheLayout, backend, block_si
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - before
     torch.cuda.empty_cache()
-    return peak
+    return max(0, peak - warmup_cache_bytes(layout, block_size, tokens, seqs))
 
 
 def profile_cache_bytes(
@@ -83,7 +97,8 @@ def profile_cache_bytes(
     max_num_seqs: int, utilization: float, graphs: bool = False,
 ) -> int:
     """CUDA: the cache budget from a warm-up of the largest step (see cache_budget). With decode graphs, the
-    activations of the largest decode step are held for good in the graphs' pool: they count as well."""
+    activations of the largest decode step are held for good in the graphs' pool: they count as well. What the
+    warm-ups leave outside PyTorch's allocator (cuBLAS workspaces, loaded kernels) counts as in use."""
     device = model.device
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
@@ -92,6 +107,8 @@ def profile_cache_bytes(
     peak_extra = step_peak_bytes(model, layout, backend, block_size, max_num_batched_tokens, max_num_seqs)
     largest = graph_batch_sizes(max_num_seqs)[-1]
     graph_pool = step_peak_bytes(model, layout, backend, block_size, largest, largest) if graphs else 0
+    free, _ = torch.cuda.mem_get_info(device)  # the warm-ups' tensors are freed and returned: only the rest stays
+    in_use = max(in_use, total - free)
     budget = cache_budget(total, in_use, peak_extra + graph_pool, utilization)
     log.info(
         "GPU memory: %.2f GiB total, %.0f%% usable; %.2f GiB in use after loading (weights, CUDA context); "
