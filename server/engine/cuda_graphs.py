@@ -6,6 +6,8 @@ single call. A graph replays fixed addresses and fixed grids, so everything a st
 buffers that each step overwrites:
     input_ids, positions, limits [max size]
     per pool: slot_mapping [max size], block_tables [max size, widest table], first_key_pos [max size]
+    logits [max size, vocab], which every graph writes its step's logits into (a graph's own output would stay
+    allocated in the shared pool for as long as the graph lives, one [size, vocab] tensor per size)
 and the grids depend on the batch size alone: every table is as wide as the longest sequence's can be, and
 the decode kernel splits each sequence's own keys over a split count fixed by that width (triton_decode.py).
 
@@ -25,8 +27,7 @@ from tpa_model.kv_cache import KVCache, max_blocks_per_seq
 from tpa_model.metadata import AttentionMetadata, PoolMetadata
 from tpa_model.model import GemmaTPAModel
 
-# Larger decode batches run eagerly: launches no longer set their pace, and each graph that size would hold its
-# own [batch, vocab] logits.
+# Larger decode batches run eagerly: launches no longer set their pace there.
 MAX_GRAPH_BATCH = 256
 
 
@@ -57,7 +58,7 @@ class DecodeGraphs:
         rows = torch.arange(n, device=device)
         self.metadata = {size: self._metadata(kv, backend, size, rows) for size in self.sizes}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.logits = torch.empty(n, model.config.vocab_size, dtype=model.dtype, device=device)
         if capture:
             self.capture()
 
@@ -69,8 +70,10 @@ class DecodeGraphs:
                                  size, rows[:size], pools)
 
     def forward(self, size: int) -> torch.Tensor:
-        """The model over the static buffers' first `size` rows: logits [size, vocab]."""
-        return self.model(self.input_ids[:size], self.positions[:size], self.metadata[size])
+        """The model over the static buffers' first `size` rows, its logits written to self.logits[:size]."""
+        logits = self.logits[:size]
+        logits.copy_(self.model(self.input_ids[:size], self.positions[:size], self.metadata[size]))
+        return logits
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -82,7 +85,7 @@ class DecodeGraphs:
             torch.cuda.synchronize(self.model.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[size] = self.forward(size)
+                self.forward(size)
             pool = graph.pool()
             self.graphs[size] = graph
         torch.cuda.synchronize(self.model.device)
@@ -110,7 +113,7 @@ class DecodeGraphs:
             static.first_key_pos[B:size].zero_()
         if size in self.graphs:
             self.graphs[size].replay()
-            logits = self.outputs[size]
+            logits = self.logits[:size]
         else:
             logits = self.forward(size)
         return logits[meta.logits_indices]
