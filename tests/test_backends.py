@@ -125,3 +125,20 @@ def test_freed_blocks_before_the_window_are_never_read():
     assert (out.double() - expected).abs().max() <= 1e-5
     with pytest.raises(ValueError, match="freed"):
         build_metadata(kv, backend, [10], [1], [[freed]], [0])
+
+
+def test_step_metadata_arrays_start_16_byte_aligned():
+    """Kernels are compiled per pointer alignment: every device array of a step starts on 16 bytes, whatever
+    the sizes of the arrays before it in the step's buffer, so steps of any shape reuse the same kernels."""
+    spec = CacheSpec(G, D_HEAD, 2, 1, None, torch.float32)
+    kv = KVCache([spec], {"global": 40}, BLOCK, "cpu")
+    gen = torch.Generator().manual_seed(0)
+    for lengths, starts in [([1], [6]), ([1, 1, 3], [4, 9, 0]), ([1, 5, 2, 7], [3, 0, 8, 2])]:
+        tables = tables_for([s + n for s, n in zip(starts, lengths)], 40, gen)
+        ends = list(torch.tensor(lengths).cumsum(0) - 1)
+        meta = build_metadata(kv, ReferenceBackend(), starts, lengths, [tables], [int(e) for e in ends], device="cpu")
+        pool = meta.pools[0]
+        arrays = [meta.positions, meta.limits, meta.logits_indices, meta.seq_starts, pool.slot_mapping,
+                  pool.block_tables, pool.first_key_pos]
+        assert len({a.untyped_storage().data_ptr() for a in arrays}) == 1  # one buffer, one copy to the device
+        assert [a.data_ptr() % 16 for a in arrays] == [0] * len(arrays), lengths

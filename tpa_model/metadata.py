@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from .backends import AttentionBackend
     from .kv_cache import KVCache
 
+ALIGN_ELEMENTS = 2  # int64 elements per 16 bytes: where each metadata array starts in the step's device buffer
+
 
 @dataclass
 class PoolMetadata:
@@ -146,13 +148,15 @@ def _pool_arrays(window, block_size, tables, starts, lengths, positions, seq_of_
 
 
 def _to_device(arrays: dict[str, np.ndarray], device: torch.device | str) -> dict[str, torch.Tensor]:
-    """All integer arrays in one buffer and one host-to-device copy."""
-    flat = np.concatenate([a.reshape(-1) for a in arrays.values()])
-    buffer = torch.from_numpy(flat)
+    """All integer arrays in one buffer and one host-to-device copy. Each starts 16 bytes into the buffer past
+    a multiple of 16: Triton compiles a kernel per pointer alignment, so unaligned views would compile new
+    variants of every kernel as the arrays' sizes change from step to step."""
+    padded = [np.pad(a.reshape(-1), (0, -a.size % ALIGN_ELEMENTS)) for a in arrays.values()]
+    buffer = torch.from_numpy(np.concatenate(padded))
     if torch.device(device).type == "cuda":
         buffer = buffer.pin_memory().to(device, non_blocking=True)
     out, offset = {}, 0
-    for name, a in arrays.items():
+    for (name, a), piece in zip(arrays.items(), padded):
         out[name] = buffer[offset : offset + a.size].view(a.shape)
-        offset += a.size
+        offset += piece.size
     return out

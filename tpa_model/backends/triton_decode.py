@@ -100,7 +100,7 @@ def _split_length(num_keys, S, min_split, BLOCK_T: tl.constexpr):
     return tl.maximum((per_split + BLOCK_T - 1) // BLOCK_T * BLOCK_T, min_split)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["table_stride"])  # the step's table width: one compiled kernel for every width
 def decode_split_kernel(
     q_ptr, q_seq_stride,
     k0_ptr, k1_ptr, v0_ptr, v1_ptr, num_slots,  # factored: (head, token) factors; plain: (store, unused)
@@ -171,7 +171,7 @@ def decode_split_kernel(
     tl.store(acc_ptr + row[:, None] * D + dims[None, :], acc, mask=keep[:, None] & dim_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S"])  # the step's split count: one compiled kernel for every count
 def merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, out_seq_stride, first_ptr, pos_ptr, limit_ptr, window, min_split,
                  S, H: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, S_BLOCK: tl.constexpr,
                  D_PAD: tl.constexpr):

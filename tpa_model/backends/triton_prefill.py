@@ -62,7 +62,8 @@ def _key_tile(part0_ptr, part1_ptr, group, num_slots, slots, tok_ok, dims, dim_o
     return plain_rows(part0_ptr, group, num_slots, slots, tok_ok, dims, dim_ok, D).to(DOT_DTYPE)
 
 
-@triton.jit
+# the step's sequence and row offsets and table width: one compiled kernel for any of their values
+@triton.jit(do_not_specialize=["first_seq", "row_offset", "table_stride"])
 def prefill_kernel(
     q_ptr, q_tok_stride, out_ptr, out_tok_stride,
     k0_ptr, k1_ptr, v0_ptr, v1_ptr, num_slots,  # factored: (head, token) factors; plain: (store, unused)
