@@ -130,11 +130,24 @@ def test_serve_has_enforce_eager():
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_captured_graphs_replay_the_eager_tokens(demo, dtype):
-    """Captured and replayed for real: the same greedy tokens as eager steps, bf16 and float32."""
+def test_gpu_captured_graphs_replay_the_eager_steps(demo, dtype):
+    """Captured and replayed for real. Each captured size's replay gives the logits of the same padded step
+    run eagerly (bf16 and float32); in float32 the greedy tokens equal those of ordinary eager steps (in bf16 a
+    padded batch may round a matmul differently and flip a near tie of the random model, so tokens are not
+    compared there)."""
     path, tokenizer = demo
     model = load_model(path, k_rank=1, v_rank=1, dtype=dtype, device="cuda")
     eager, _, _ = greedy(model, tokenizer, cuda_graphs=False, block_size=16)
     replayed, engine, runs = greedy(model, tokenizer, cuda_graphs=None, block_size=16)
-    assert engine.runner.graphs is not None and engine.runner.graphs.graphs and runs
-    assert replayed == eager
+    graphs = engine.runner.graphs
+    assert graphs is not None and sorted(graphs.graphs) == graphs.sizes and runs
+    if dtype == torch.float32:
+        assert replayed == eager
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    with torch.inference_mode():
+        for size in graphs.sizes:  # the static buffers hold the last step's rows: a valid step of any size
+            graphs.graphs[size].replay()
+            from_graph = graphs.logits[:size].float().clone()
+            direct = graphs.forward(size).float()
+            scale = direct.abs().max().item()
+            assert (from_graph - direct).abs().max().item() <= tolerance * scale, size
