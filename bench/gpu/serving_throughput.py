@@ -72,6 +72,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -290,6 +291,13 @@ def engine_side(name: str, rank: int | None, context: int, args) -> dict:
         return engine_figures(name, rank, context, args)
     except (torch.OutOfMemoryError, ValueError) as e:  # ValueError: the engine found no memory for its cache
         return {"skipped": f"{type(e).__name__}: {e}"[:300]}
+    except Exception as e:  # any other failure is recorded in its row, with the traceback on stderr
+        return failed(e)
+
+
+def failed(e: Exception) -> dict:
+    traceback.print_exc()
+    return {"skipped": f"failed: {type(e).__name__}: {e}"[:300]}
 
 
 def engine_figures(name: str, rank: int | None, context: int, args) -> dict:
@@ -458,7 +466,10 @@ def cell_rows(name: str, config: TextConfig, context: int, args) -> list[dict]:
         free_memory(device)
     sides.append(("standard", engine_side(name, None, length, args)))
     free_memory(device)
-    hf = {"skipped": "--no-transformers"} if args.no_transformers else transformers_side(name, length, args)
+    try:
+        hf = {"skipped": "--no-transformers"} if args.no_transformers else transformers_side(name, length, args)
+    except Exception as e:
+        hf = failed(e)
     sides.append(("transformers", hf))
     free_memory(device)
     ours = [r["batch"] for side, r in sides if side != "transformers" and "batch" in r]
@@ -540,6 +551,7 @@ def main(argv=None) -> int:
               "was measured. Run it on a GPU, or with --smoke to check the script on the CPU.", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING if args.smoke else logging.INFO, format="%(message)s")
+    out = args.out or (None if args.smoke else ROOT / "bench/results/gpu_serving_throughput.json")
     rows = []
     for name in args.models:
         config = text_config(name)
@@ -547,20 +559,27 @@ def main(argv=None) -> int:
             for row in cell_rows(name, config, context, args):
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
+            write_results(out, rows, None, args)  # a run cut short keeps the cells it finished
     add_ratios(rows)
     found = targets(rows, args.target_context)
     print_table(rows, found, args.target_context, args.smoke)
+    write_results(out, rows, found, args)
+    print(f"device {device_name(args)}; results: {out}")
+    return 0
+
+
+def write_results(out: Path | None, rows: list[dict], found: list[dict] | None, args) -> None:
+    """The JSON results; `complete` is false, and there are no targets, until every cell has run."""
+    if out is None:
+        return
     import transformers
 
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     result = {"device": device_name(args), "torch": torch.__version__, "transformers": transformers.__version__,
-              "smoke": args.smoke, "settings": settings, "rows": rows, "targets": found}
-    out = args.out or (None if args.smoke else ROOT / "bench/results/gpu_serving_throughput.json")
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1))
-    print(f"device {result['device']}; results: {out}")
-    return 0
+              "smoke": args.smoke, "complete": found is not None, "settings": settings, "rows": rows,
+              "targets": found or []}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
