@@ -97,7 +97,7 @@ def _open_uncached(path: Path, mtime_ns: int, size: int) -> GGUFFile:
         return GGUFFile(path)
     except GGUFFormatError as e:
         raise CheckpointError(f"{path}: cannot read GGUF file (truncated or corrupt?): {e}") from e
-    except (ValueError, UnicodeDecodeError, OSError) as e:  # an empty file cannot be mapped; a name is not UTF-8
+    except (ValueError, OSError) as e:  # an empty file cannot be mapped; a name is not UTF-8 (UnicodeDecodeError)
         raise CheckpointError(f"{path}: cannot read GGUF file (truncated or corrupt?): {type(e).__name__}: {e}") from e
 
 
@@ -322,7 +322,7 @@ def _unpermute_rotary(t: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def _dequantize(path: Path, tensor: GGUFTensorInfo, hf_name: str) -> np.ndarray:
-    kind = gguf.GGMLQuantizationType(tensor.tensor_type)
+    kind = tensor.tensor_type
     try:
         values = gguf.quants.dequantize(tensor.data, kind)
     except NotImplementedError as e:

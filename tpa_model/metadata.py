@@ -148,8 +148,8 @@ def _pool_arrays(window, block_size, tables, starts, lengths, positions, seq_of_
 
 
 def _to_device(arrays: dict[str, np.ndarray], device: torch.device | str) -> dict[str, torch.Tensor]:
-    """All integer arrays in one buffer and one host-to-device copy. Each starts 16 bytes into the buffer past
-    a multiple of 16: Triton compiles a kernel per pointer alignment, so unaligned views would compile new
+    """All integer arrays in one buffer and one host-to-device copy. Each array starts a multiple of 16 bytes
+    into the buffer: Triton compiles a kernel per pointer alignment, so unaligned views would compile new
     variants of every kernel as the arrays' sizes change from step to step."""
     padded = [np.pad(a.reshape(-1), (0, -a.size % ALIGN_ELEMENTS)) for a in arrays.values()]
     buffer = torch.from_numpy(np.concatenate(padded))
