@@ -1,12 +1,14 @@
 """GGUF files read as Hugging Face checkpoints (tpa_model/gguf.py), against transformers' own GGUF loading.
 
 Two real files: Gemma 3 270M (Q4_K_M, architecture gemma3) and SmolLM2-135M-Instruct (Q4_1, architecture
-llama). Both sides dequantize with the `gguf` package, so every tensor must match exactly. Small files written
-with gguf.GGUFWriter cover every tensor type, the metadata variants and the errors.
+llama). transformers dequantizes with the `gguf` package and we with our own (tpa_model/gguf_quants.py) in the
+same float32 arithmetic, so every tensor must match exactly. Small files written with gguf.GGUFWriter cover
+every tensor type, the metadata variants and the errors.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,7 +33,7 @@ except ImportError as e:  # a failure, not a skip
     raise ImportError(f"{e}: the GGUF tests need gguf and transformers; {INSTALL}") from e
 
 Q = gguf.GGMLQuantizationType
-TENSOR_TOL = 1e-6  # both sides dequantize with the same library: expect 0
+TENSOR_TOL = 1e-6  # both sides dequantize in the same float32 arithmetic: expect 0
 LOGIT_RTOL = 2e-5  # relative to the largest logit; the models' float32 arithmetic differs in order
 
 
@@ -203,6 +205,33 @@ def test_every_dequantizable_type(tmp_path):
             assert got.dtype == torch.float32 and got.shape == expected.shape, kind.name
             assert expected.shape[0] == 3 and expected.shape[1] == 2 * gguf.GGML_QUANT_SIZES[kind][0], kind.name
             torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True, msg=kind.name)
+
+
+def test_own_dequantizers_match_the_gguf_package_without_it(monkeypatch):
+    """The common formats (legacy, K-quants, BF16) are unpacked by tpa_model.gguf_quants, with the gguf package
+    absent: exactly the package's values, for random blocks and across the boundary between passes; the ggml
+    type table is the package's. Formats only the package unpacks then say so."""
+    from tpa_model import gguf_quants
+
+    for kind in Q:
+        assert gguf_quants.GGMLType(kind.value).name == kind.name, kind
+        assert gguf_quants.BLOCK_SIZES[gguf_quants.GGMLType(kind.value)] == gguf.GGML_QUANT_SIZES[kind], kind
+    own = [*gguf_quants.DEQUANTIZERS, gguf_quants.GGMLType.BF16]
+    assert {k.name for k in own} == {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+                                     "BF16"}
+    cases = {}
+    with np.errstate(all="ignore"):
+        for i, kind in enumerate(own):
+            raw = random_bytes(Q(kind.value), rows=4, blocks=3, seed=10 + i)
+            cases[kind] = raw, torch.from_numpy(np.array(gguf.quants.dequantize(raw, Q(kind.value)), np.float32))
+    monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf fails from here on
+    monkeypatch.setattr(gguf_quants, "CHUNK_BLOCKS", 5)  # 12 blocks: passes of 5, 5 and 2
+    for kind, (raw, expected) in cases.items():
+        got = gguf_quants.dequantize(raw, kind)
+        assert got.dtype == torch.float32 and got.shape == expected.shape, kind.name
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True, msg=kind.name)
+    with pytest.raises(NotImplementedError, match="only the gguf package dequantizes"):
+        gguf_quants.dequantize(random_bytes(Q.IQ4_XS, 1, 1), gguf_quants.GGMLType.IQ4_XS)
 
 
 @pytest.mark.parametrize("kind", UNSUPPORTED_TYPES, ids=lambda k: k.name)

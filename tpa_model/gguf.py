@@ -3,8 +3,8 @@
 `gguf_config(path)` turns a file's metadata into a config.json dict, and `GGUFTensors(path)` has the interface
 of `checkpoint.TensorFiles`: tensors under their Hugging Face names, each dequantized to float32 only when
 asked for, so the loader streams a GGUF file one tensor at a time as it does safetensors shards. Parsing and
-dequantization is the `gguf` package's (by llama.cpp's authors), the header is read by `gguf_reader`; the file
-is memory-mapped, never read whole.
+dequantization is `gguf_quants`' (the IQ-family formats the `gguf` package's, by llama.cpp's authors), the header
+is read by `gguf_reader`; the file is memory-mapped, never read whole.
 
 What llama.cpp's converter did to the weights is undone here:
 - Gemma 3 RMSNorm weights are stored as w + 1 (Hugging Face keeps w and multiplies by 1 + w): 1 is subtracted.
@@ -26,12 +26,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import gguf
 import numpy as np
 import torch
 
 from .checkpoint import CheckpointError
 from .config import GLOBAL, SLIDING, default_layer_types
+from .gguf_quants import dequantize
 from .gguf_reader import GGUFFile, GGUFFormatError, GGUFTensorInfo
 from .layers import llama3_frequencies
 
@@ -321,38 +321,21 @@ def _unpermute_rotary(t: torch.Tensor, n_heads: int) -> torch.Tensor:
     return t.reshape(n_heads, rows // n_heads // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape).contiguous()
 
 
-def _dequantize(path: Path, tensor: GGUFTensorInfo, hf_name: str) -> np.ndarray:
+def _dequantize(path: Path, tensor: GGUFTensorInfo, hf_name: str) -> torch.Tensor:
     kind = tensor.tensor_type
     try:
-        values = gguf.quants.dequantize(tensor.data, kind)
+        return dequantize(tensor.data, kind)
     except NotImplementedError as e:
-        raise CheckpointError(
-            f"{path}: tensor '{tensor.name}' ({hf_name}) has type {kind.name}, which gguf {_gguf_version()} "
-            f"cannot dequantize"
-        ) from e
+        raise CheckpointError(f"{path}: tensor '{tensor.name}' ({hf_name}) has type {kind.name}, {e}") from e
     except Exception as e:
         raise CheckpointError(
             f"{path}: tensor '{tensor.name}' ({hf_name}, {kind.name}) cannot be dequantized (corrupt?): {e}"
         ) from e
-    shape = tuple(reversed(tensor.shape))  # GGUF lists the fastest dimension first
-    values = np.asarray(values, dtype=np.float32).reshape(shape)
-    if not values.flags.writeable:  # a float32 tensor is a view of the read-only memory map
-        values = values.copy()
-    return values
 
 
 def _rope_freqs(path: Path, reader: GGUFFile) -> np.ndarray:
     tensor = next(t for t in reader.tensors if t.name == _ROPE_FREQS)
-    return _dequantize(path, tensor, "rope_scaling")
-
-
-def _gguf_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("gguf")
-    except PackageNotFoundError:
-        return "(unknown version)"
+    return _dequantize(path, tensor, "rope_scaling").numpy()
 
 
 class GGUFTensors:
@@ -410,7 +393,7 @@ class GGUFTensors:
         self._require_open()
         if name not in self._tensors:
             raise KeyError(name)
-        tensor = torch.from_numpy(_dequantize(self.path, self._tensors[name], name))
+        tensor = _dequantize(self.path, self._tensors[name], name)
         transform = self._transforms.get(name)
         if transform is None:
             return tensor

@@ -3,8 +3,8 @@
 The `gguf` package's reader builds a numpy view for every element of every metadata array, so opening Gemma 3
 (a 262,144-token vocabulary: tokens, scores and types) took 17 s on a 2-core CPU; here a numeric array is one
 `frombuffer` and a string one `unpack_from` and one slice, which takes a fraction of a second. The layout
-follows the GGUF specification (versions 2 and 3, little-endian); tensor types and their block sizes, and
-dequantization, stay the `gguf` package's.
+follows the GGUF specification (versions 2 and 3, little-endian); tensor types and their block sizes are
+`gguf_quants`'.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import gguf
 import numpy as np
+
+from .gguf_quants import BLOCK_SIZES, PLAIN_TYPES, GGMLType
 
 # GGUF metadata value types (the specification's gguf_metadata_value_type)
 UINT8, INT8, UINT16, INT16, UINT32, INT32, FLOAT32, BOOL, STRING, ARRAY, UINT64, INT64, FLOAT64 = range(13)
@@ -24,11 +25,6 @@ NUMERIC = {UINT8: "<u1", INT8: "<i1", UINT16: "<u2", INT16: "<i2", UINT32: "<u4"
            BOOL: "?", UINT64: "<u8", INT64: "<i8", FLOAT64: "<f8"}
 DEFAULT_ALIGNMENT = 32
 U32, U64 = struct.Struct("<I"), struct.Struct("<Q")
-# tensor types stored as plain numbers: read as such (others are blocks of bytes for gguf.quants.dequantize)
-PLAIN_TENSOR_TYPES = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16,
-                      gguf.GGMLQuantizationType.F64: np.float64, gguf.GGMLQuantizationType.I8: np.int8,
-                      gguf.GGMLQuantizationType.I16: np.int16, gguf.GGMLQuantizationType.I32: np.int32,
-                      gguf.GGMLQuantizationType.I64: np.int64}
 
 
 class GGUFFormatError(ValueError):
@@ -38,7 +34,7 @@ class GGUFFormatError(ValueError):
 @dataclass(frozen=True)
 class GGUFTensorInfo:
     name: str
-    tensor_type: gguf.GGMLQuantizationType
+    tensor_type: GGMLType
     shape: tuple[int, ...]  # GGUF order: the fastest-varying dimension first
     data: np.ndarray  # read-only view: numbers shaped in torch order, or [..., bytes per row] of quantized blocks
 
@@ -113,28 +109,29 @@ class GGUFFile:
         dtype = np.dtype(NUMERIC[kind])
         return np.frombuffer(self._bytes(count * dtype.itemsize), dtype=dtype)
 
-    def _tensor_info(self) -> tuple[str, tuple[int, ...], gguf.GGMLQuantizationType, int]:
+    def _tensor_info(self) -> tuple[str, tuple[int, ...], GGMLType, int]:
         name = self._string()
         dims = self._unpack(U32)
         shape = tuple(int(d) for d in self._numbers(UINT64, dims)) if dims else ()
         kind_id, offset = self._unpack(U32), self._unpack(U64)
         try:
-            kind = gguf.GGMLQuantizationType(kind_id)
+            kind = GGMLType(kind_id)
         except ValueError:
             raise GGUFFormatError(f"tensor {name!r} has unknown type {kind_id}") from None
         return name, shape, kind, offset
 
-    def _tensor_data(self, kind: gguf.GGMLQuantizationType, shape: tuple[int, ...], offset: int) -> np.ndarray:
+    def _tensor_data(self, kind: GGMLType, shape: tuple[int, ...], offset: int) -> np.ndarray:
         torch_order = tuple(reversed(shape))
         elements = int(np.prod(shape, dtype=np.int64))
-        if kind in PLAIN_TENSOR_TYPES:
-            dtype, count = np.dtype(PLAIN_TENSOR_TYPES[kind]), elements
-        else:
-            if kind not in gguf.GGML_QUANT_SIZES:
-                raise GGUFFormatError(f"tensor type {kind.name} has no known block size")
-            block, block_bytes = gguf.GGML_QUANT_SIZES[kind]
+        if kind in PLAIN_TYPES:
+            dtype, count = np.dtype(PLAIN_TYPES[kind]), elements
+        else:  # [..., bytes per row] of blocks
+            block, block_bytes = BLOCK_SIZES[kind]
+            if not torch_order or torch_order[-1] % block:
+                raise GGUFFormatError(f"a {kind.name} tensor of shape {shape}: its rows do not split into blocks "
+                                      f"of {block}")
             dtype, count = np.dtype(np.uint8), elements // block * block_bytes
-            torch_order = gguf.quants.quant_shape_to_byte_shape(torch_order, kind)
+            torch_order = (*torch_order[:-1], torch_order[-1] // block * block_bytes)
         if offset + count * dtype.itemsize > len(self._map):
             raise GGUFFormatError(f"tensor data at byte {offset} runs past the end of the file ({len(self._map)})")
         return np.frombuffer(self._map, dtype=dtype, count=count, offset=offset).reshape(torch_order)
