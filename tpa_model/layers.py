@@ -22,6 +22,15 @@ def llama_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
 
 
+def embedding(count: int, dim: int) -> nn.Embedding:
+    """nn.Embedding, initialized N(0, 1) as torch does, except on the meta device, where the loader builds a
+    model to fill from a checkpoint: there torch's normal_ imports torch._dynamo, 2 s of every start-up."""
+    weight = torch.empty(count, dim)
+    if not weight.is_meta:
+        nn.init.normal_(weight)
+    return nn.Embedding.from_pretrained(weight, freeze=False)
+
+
 class RMSNorm(nn.Module):
     """Gemma's norm (scale 1 + w, weights start at 0), or with unit_offset=False Llama's (scale w)."""
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from .config import GEMMA3, GLOBAL, SLIDING, TextConfig
 from .kv_cache import ContiguousKVCache
-from .layers import GatedMLP, RMSNorm, Rotary
+from .layers import GatedMLP, RMSNorm, Rotary, embedding
 from .metadata import AttentionMetadata, image_spans
 from .tpa import TPAttention
 from .vision import MultiModalProjector, VisionConfig, VisionTower
@@ -70,7 +70,7 @@ class GemmaTPAModel(nn.Module):
         self.image_token_id = image_token_id
         c = config
         gemma = c.architecture == GEMMA3
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.embed_tokens = embedding(c.vocab_size, c.hidden_size)
         layer_class = DecoderLayer if gemma else LlamaDecoderLayer
         self.layers = nn.ModuleList(layer_class(c, i) for i in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, unit_offset=gemma)

@@ -39,7 +39,8 @@ class FactorProjection(nn.Module):
         super().__init__()
         self.n_heads, self.head_dim, self.rank, self.eps = n_heads, head_dim, rank, eps
         self.token_proj = nn.Linear(hidden, rank * head_dim, bias=False)
-        self.head_basis = nn.Parameter(torch.eye(n_heads, rank))  # U: [n_heads, R]
+        # U: [n_heads, R], the identity's first columns (not torch.eye, which imports torch._dynamo on meta)
+        self.head_basis = nn.Parameter(torch.zeros(n_heads, rank).fill_diagonal_(1.0))
         self.norm_weight = nn.Parameter(torch.zeros(head_dim)) if norm else None
         self.head_proj = None
         self.svd_rank: int | None = None  # per-token SVD: cache the best rank-R fit of each token's G x d keys

@@ -18,7 +18,7 @@ from torch import nn
 
 from .checkpoint import find_prefix
 from .config import ConfigError
-from .layers import RMSNorm
+from .layers import RMSNorm, embedding
 
 # Activations the SigLIP tower of Gemma 3 may name; all mean gelu with the tanh approximation.
 _GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu_fast")
@@ -117,7 +117,7 @@ class VisionEmbeddings(nn.Module):
         self.patch_embedding = nn.Conv2d(
             config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
         )
-        self.position_embedding = nn.Embedding(config.num_patches, config.hidden_size)
+        self.position_embedding = embedding(config.num_patches, config.hidden_size)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # [N, D, side, side]
