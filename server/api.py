@@ -232,6 +232,7 @@ class OpenAIServing:
             ignore_eos=req.ignore_eos,
             logprobs=req.logprob_count(),
             skip_special_tokens=req.skip_special_tokens,
+            logit_bias=req.token_bias(),
         )
         self.check_params(req, params)
         return params
@@ -274,6 +275,8 @@ class OpenAIServing:
             raise queue_full(e) from e
         except EngineDeadError as e:
             raise APIError(503, "the engine is not running", type="server_error", code="engine_dead") from e
+        except ParamError as e:
+            raise APIError(400, str(e), param=e.param) from e
         except ValueError as e:
             raise APIError(400, str(e), param=param) from e
 

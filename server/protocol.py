@@ -3,13 +3,20 @@ response builders."""
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, field_validator
 
-from tpa_model.sampling import MAX_LOGPROBS, MAX_REPETITION_PENALTY, MAX_STOP_SEQUENCES, MIN_REPETITION_PENALTY
+from tpa_model.sampling import (
+    MAX_LOGIT_BIAS,
+    MAX_LOGPROBS,
+    MAX_REPETITION_PENALTY,
+    MAX_STOP_SEQUENCES,
+    MIN_REPETITION_PENALTY,
+)
 
 MAX_N = 128  # samples per request: more would let one request crowd out every other
 
@@ -99,6 +106,17 @@ def prompt_schema(schema: dict[str, Any]) -> None:
                 items["minimum"] = 0
 
 
+TOKEN_ID_KEY = "^(0|[1-9][0-9]*)$"  # logit_bias's keys: token ids as JSON object keys, which are strings
+
+
+def logit_bias_schema(schema: dict[str, Any]) -> None:
+    """logit_bias maps token ids, written in decimal, to biases in OpenAI's range."""
+    for branch in schema["anyOf"]:
+        if branch.get("type") == "object":
+            branch["propertyNames"] = {"pattern": TOKEN_ID_KEY}
+            branch["additionalProperties"].update(minimum=-MAX_LOGIT_BIAS, maximum=MAX_LOGIT_BIAS)
+
+
 def json_int(value: Any) -> Any:
     """JSON has one number type: 2.0 is the integer 2 (as JSON Schema's "integer" says), while true is not a
     number at all. Integral floats become ints; anything else goes on to pydantic's strict int check."""
@@ -136,6 +154,7 @@ class SamplingRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    logit_bias: dict[str, float] | None = Field(None, json_schema_extra=logit_bias_schema)
     # extras that vLLM-style clients send through extra_body
     top_k: JSONInt | None = Field(None, json_schema_extra=bounds(minimum=-1))
     min_p: float | None = Field(None, json_schema_extra=bounds(minimum=0, maximum=1))
@@ -144,6 +163,16 @@ class SamplingRequest(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[JSONInt] | None = Field(None, json_schema_extra=bounds(minimum=0))
     skip_special_tokens: bool = True
+
+    def token_bias(self) -> dict[int, float]:
+        """logit_bias with its keys as token ids (its values are checked with the other sampling options)."""
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not re.fullmatch(TOKEN_ID_KEY, key):
+                raise APIError(400, f"logit_bias keys must be token ids in decimal digits, got {key!r}",
+                               param="logit_bias")
+            bias[int(key)] = value
+        return bias
 
     def token_limit(self) -> tuple[str, int | None]:
         """(field name, value) of the output length limit, so errors name the field the client used."""
@@ -166,6 +195,16 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: JSONInt | None = Field(None, json_schema_extra=bounds(minimum=1))
     logprobs: bool = False
     top_logprobs: JSONInt | None = Field(None, json_schema_extra=bounds(minimum=0, maximum=MAX_LOGPROBS))
+
+    def token_bias(self) -> dict[int, float]:
+        """logit_bias with its keys as token ids (its values are checked with the other sampling options)."""
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not re.fullmatch(TOKEN_ID_KEY, key):
+                raise APIError(400, f"logit_bias keys must be token ids in decimal digits, got {key!r}",
+                               param="logit_bias")
+            bias[int(key)] = value
+        return bias
 
     def token_limit(self) -> tuple[str, int | None]:
         """OpenAI's newer max_completion_tokens wins over max_tokens when both are set."""

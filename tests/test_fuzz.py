@@ -3,11 +3,11 @@ every check schemathesis has, including the conformance of responses (status cod
 content types) and the acceptance of valid and refusal of invalid data; zero failures.
 
 Generated bodies would mostly stop at checks the document cannot express: the served model's name, the chat
-template's role order, the length of prompt plus max_tokens against the model's, token ids below the vocabulary
-size and other than the image placeholder, fields that must agree (`best_of` and `n`, `echo` without
-`logprobs`). `reachable` mends those in the cases schemathesis means to be valid, and keeps them small
-(max_tokens, n), so that they are tokenized and generate a few tokens in the engine. Cases meant to be invalid
-are sent as generated and must be refused.
+template's role order, the length of prompt plus max_tokens against the model's, token ids (of prompts and of
+logit_bias) below the vocabulary size and other than the image placeholder in prompts, fields that must agree
+(`best_of` and `n`, `echo` without `logprobs`). `reachable` mends those in the cases schemathesis means to be
+valid, and keeps them small (max_tokens, n), so that they are tokenized and generate a few tokens in the
+engine. Cases meant to be invalid are sent as generated and must be refused.
 """
 
 import base64
@@ -78,6 +78,8 @@ def reachable(body: dict, path: str, vocab: int, image_id: int | None) -> dict:
     body.update(model=MODEL, n=min(body.get("n", 1), 2), max_tokens=min(body.get("max_tokens") or 3, 3))
     if isinstance(body.get("seed"), int):  # the generator reads the bound 2**63 - 1 as a float, 2**63, and may pass it
         body["seed"] = min(max(body["seed"], -(2**63)), 2**63 - 1)
+    if isinstance(body.get("logit_bias"), dict):  # token ids below the vocabulary size
+        body["logit_bias"] = {str(int(k) % vocab): v for k, v in body["logit_bias"].items()}
     if path == "/v1/chat/completions":
         body["max_completion_tokens"] = None
         body["messages"] = chat_messages(body["messages"])

@@ -12,6 +12,7 @@ import torch
 from tpa_model.sampling import (
     ParamError,
     SamplingParams,
+    apply_logit_bias,
     apply_penalties,
     make_generator,
     sample,
@@ -187,6 +188,35 @@ def test_penalties_change_the_greedy_choice():
     assert run(x, [SamplingParams(temperature=0, frequency_penalty=2.0)], prompts=[[0]]).token_ids == [0]
 
 
+def test_logit_bias_adds_to_the_listed_tokens_of_its_own_row():
+    logits = random_logits(3, 8, 6)
+    logits[2, 5] = float("-inf")  # a token the engine never samples
+    params = [SamplingParams(logit_bias={1: 2.5, 7: -100.0}), SamplingParams(), SamplingParams(logit_bias={5: 100.0})]
+    before = logits.clone()
+    out = apply_logit_bias(logits, params)
+    expected = before.clone()
+    expected[0, 1] += 2.5
+    expected[0, 7] -= 100.0
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert torch.equal(logits, before), "the input must not be modified"
+    assert out[2, 5] == float("-inf"), "a bias does not bring back a token that is never sampled"
+    assert apply_logit_bias(logits, [SamplingParams()] * 3) is logits
+
+
+def test_logit_bias_forces_bans_and_shows_in_the_logprobs():
+    x = torch.tensor([LOGITS5] * 4)
+    params = [SamplingParams(temperature=0, logit_bias={2: 100.0}, logprobs=1),
+              SamplingParams(temperature=0, logit_bias={1: -100.0}),
+              SamplingParams(seed=3, logit_bias={0: 100.0}),  # sampled, still all but certain
+              SamplingParams(temperature=0, logprobs=1)]
+    out = run(x, params, [make_generator(p.seed, "cpu") for p in params])
+    assert out.token_ids == [2, 4, 0, 1]  # unbiased argmax is 1, then 4
+    biased = torch.tensor(LOGITS5)
+    biased[2] += 100.0
+    assert out.logprobs[0] == pytest.approx(torch.log_softmax(biased, -1)[2].item(), abs=1e-6)
+    assert out.logprobs[3] == pytest.approx(torch.log_softmax(torch.tensor(LOGITS5), -1)[1].item(), abs=1e-6)
+
+
 # -- seeded batch invariance ---------------------------------------------------------------------------------
 
 BATCH_PARAMS = [
@@ -306,6 +336,9 @@ def test_single_stop_string_becomes_a_list():
         ("stop", ["a", "b", "c", "d", "e"], "5"),
         ("stop", ["ok", ""], "''"),
         ("stop_token_ids", [1, -4], "-4"),
+        ("logit_bias", {3: 100.5}, "100.5"),
+        ("logit_bias", {3: float("nan")}, "nan"),
+        ("logit_bias", {-1: 1.0}, "-1"),
     ],
 )
 def test_validate_names_the_bad_field(field, value, shown):

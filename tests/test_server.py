@@ -167,6 +167,36 @@ def test_logprobs(client):
     assert all(c.logprob == pytest.approx(c.top_logprobs[0].logprob, abs=1e-5) for c in content)  # greedy
 
 
+def test_logit_bias_forces_a_token_on_both_endpoints(client, live):
+    """OpenAI's logit_bias, keys token ids as strings: +100 on one token makes greedy decoding write only that
+    token, at a logprob of about 0."""
+    tokenizer = live.engine.engine.tokenizer
+    token = next(t for t in range(100, tokenizer.vocab_size) if tokenizer.decode([t, t]).strip())
+    forced = tokenizer.decode([token] * 4)
+    r = chat(client, temperature=0, max_tokens=4, logprobs=True, logit_bias={str(token): 100},
+             extra_body={"ignore_eos": True})
+    assert r.choices[0].message.content == forced
+    assert all(c.logprob > -1e-3 for c in r.choices[0].logprobs.content)
+    r = client.completions.create(model=MODEL, prompt="Caches are", max_tokens=4, temperature=0,
+                                  logit_bias={str(token): 100}, extra_body={"ignore_eos": True})
+    assert r.choices[0].text == forced
+    plain = chat(client, temperature=0, max_tokens=4, extra_body={"ignore_eos": True})
+    assert plain.choices[0].message.content != forced
+
+
+@pytest.mark.parametrize("bias,match", [
+    ({"seven": 1}, "logit_bias keys must be token ids in decimal digits, got 'seven'"),
+    ({"-3": 1}, "logit_bias keys must be token ids"),
+    ({"12": 100.5}, "logit_bias values must be between -100 and 100, got 100.5 for token 12"),
+    ({"99999999999": -1}, "logit_bias keys must be token ids below"),
+])
+def test_bad_logit_bias_is_400_naming_it(client, live, bias, match):
+    with pytest.raises(openai.BadRequestError, match=match) as info:
+        chat(client, logit_bias=bias)
+    assert info.value.body["param"] == "logit_bias"
+    assert live.idle()
+
+
 @pytest.mark.parametrize("kw,match", [
     (dict(max_tokens=100_000), "plus max_tokens \\(100000\\) is"),
     (dict(temperature=5.0), "temperature"),

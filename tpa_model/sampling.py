@@ -25,6 +25,7 @@ MAX_LOGPROBS = 20  # OpenAI's limit for top_logprobs
 # (1e-45 did), and no useful setting lies there (1.0-2.0 is the usual range).
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
 MIN_LOGPROB = -9999.0  # what OpenAI reports for a token of probability 0: JSON has no -inf
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values: -100 bans a token, 100 all but forces it
 
 
 class ParamError(ValueError):
@@ -59,6 +60,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None = off; k >= 0 = the chosen token's logprob plus the top k alternatives
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):  # the API accepts a single string as well as a list
@@ -100,6 +102,11 @@ class SamplingParams:
             _require(isinstance(s, str) and len(s) > 0, "stop", f"stop sequences must be non-empty strings, got {s!r}")
         for t in self.stop_token_ids:
             _require(t >= 0, "stop_token_ids", f"stop_token_ids must be non-negative token ids, got {t}")
+        for t, bias in self.logit_bias.items():
+            _require(t >= 0, "logit_bias", f"logit_bias keys must be non-negative token ids, got {t}")
+            _require(-MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS, "logit_bias",
+                     f"logit_bias values must be between {-MAX_LOGIT_BIAS:g} and {MAX_LOGIT_BIAS:g}, got {bias} "
+                     f"for token {t}")
 
 
 @dataclass
@@ -172,6 +179,18 @@ def apply_penalties(
     return out
 
 
+def apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Each row's logit_bias added to its logits ([B, V] float): one scatter for the batch. Returns a new tensor
+    when any row has a bias (the input is never modified), else the input. A banned (-inf) token stays banned."""
+    rows = [(i, t, b) for i, p in enumerate(params) for t, b in p.logit_bias.items()]
+    if not rows:
+        return logits
+    row, token, bias = zip(*rows)
+    device = logits.device
+    return logits.index_put((_index(list(row), device), _index(list(token), device)),
+                            torch.tensor(bias, dtype=logits.dtype, device=device), accumulate=True)
+
+
 def _apply_top_k_top_p(x: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Mask (to -inf) tokens outside each row's top-k, then outside its top-p nucleus of what is left.
 
@@ -237,13 +256,14 @@ def sample(
 ) -> SampleResult:
     """Choose the next token of each row of [B, V] logits.
 
-    Order: penalties -> logprobs -> greedy argmax, or temperature -> top-k -> top-p -> min-p -> draw.
+    Order: penalties -> logit bias -> logprobs -> greedy argmax, or temperature -> top-k -> top-p -> min-p ->
+    draw.
 
-    Logprobs come from log_softmax of the penalized logits, before temperature and the truncations: they
-    describe the model's distribution (as vLLM does by default), not the warped one the token was drawn from,
-    so they stay finite and comparable across requests that sample differently.
+    Logprobs come from log_softmax of the penalized and biased logits, before temperature and the truncations:
+    they describe the distribution the request asked for (as vLLM does by default), not the warped one the
+    token was drawn from, so they stay finite and comparable across requests that sample differently.
     """
-    logits = apply_penalties(logits.float(), prompt_ids, output_ids, params)
+    logits = apply_logit_bias(apply_penalties(logits.float(), prompt_ids, output_ids, params), params)
     batch, device = logits.shape[0], logits.device
     tokens = torch.empty(batch, dtype=torch.long, device=device)
 

@@ -12,7 +12,7 @@ from tpa_model.metadata import image_spans
 from tpa_model.model import GemmaTPAModel
 from tpa_model.prompts import PromptInputs, build_chat_inputs
 from tpa_model.provenance import summary as quality_summary
-from tpa_model.sampling import SamplingParams, make_generator, sample
+from tpa_model.sampling import ParamError, SamplingParams, make_generator, sample
 from tpa_model.tokenizer import GemmaTokenizer
 
 from .block_manager import BlockManager
@@ -153,6 +153,12 @@ class LLMEngine:
             if not isinstance(t, int) or isinstance(t, bool) or not (0 <= t < vocab or t == image):
                 raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {t!r}")
 
+    def check_logit_bias(self, params: SamplingParams) -> None:
+        vocab = self.model.config.vocab_size
+        for t in params.logit_bias:
+            if t >= vocab:
+                raise ParamError("logit_bias", f"logit_bias keys must be token ids below {vocab}, got {t}")
+
     def add_request(
         self,
         request_id: str,
@@ -164,6 +170,7 @@ class LLMEngine:
 
         pixel_values [num_images, 3, size, size] fill the prompt's image soft-token runs in order."""
         params.validate()
+        self.check_logit_bias(params)
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         if not prompt_ids:
