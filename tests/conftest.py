@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import socket
 from pathlib import Path
 
@@ -22,6 +23,31 @@ TINY_TEXT = dict(
     max_position_embeddings=512,
     rope_scaling={"rope_type": "linear", "factor": 8.0},
 )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def gguf_headers_parsed_once():
+    """transformers parses a GGUF file with gguf.GGUFReader each time it loads a config, weights or a tokenizer
+    from it: three times for Gemma 3 270M, 12-18 s each on 2 cores. One reader per file (and version of it)
+    serves them all; readers only read, so the reference's results are the same."""
+    import gguf
+
+    new_reader = gguf.GGUFReader
+
+    @functools.lru_cache(maxsize=4)
+    def cached(path: str, mode: str, mtime_ns: int, size: int):
+        return new_reader(path, mode)
+
+    def reader(path, mode="r"):
+        if mode != "r":
+            return new_reader(path, mode)
+        stat = Path(path).stat()
+        return cached(str(Path(path).resolve()), mode, stat.st_mtime_ns, stat.st_size)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf, "GGUFReader", reader)
+        yield
+    cached.cache_clear()
 
 
 def free_port() -> int:
