@@ -29,11 +29,12 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException
 
 from tpa_model.prompts import PromptInputs
-from tpa_model.sampling import ParamError, SamplingParams
+from tpa_model.sampling import ParamError, SamplingParams, StructuredOutput
 from tpa_model.tokenizer import ChatTemplateError, GemmaTokenizer
 
 from .engine.async_engine import AsyncEngine, EngineDeadError, EngineError, QueueFullError, RequestStream
 from .engine.engine import CompletionOutput, RequestOutput
+from .engine.structured import StructuredOutputError
 from .images import ImageLimits, ImageLoader
 from .metrics import Metrics
 from .middleware import GuardSettings, HTTPGuard, install_log_record_factory
@@ -214,7 +215,21 @@ class OpenAIServing:
             raise APIError(404, f"the model {req.model!r} does not exist; this server serves "
                                 f"{self.settings.model_name!r}", param="model", code="model_not_found")
 
-    def sampling_params(self, req: SamplingRequest, prompt_len: int) -> SamplingParams:
+    async def structured_output(self, req: SamplingRequest) -> StructuredOutput | None:
+        """The request's output constraint, compiled in a worker thread (the first one reads the vocabulary, and
+        a large schema takes a while), so that a bad one is a 400 naming its field."""
+        asked = req.structured_output()
+        if asked is None:
+            return None
+        field, spec = asked
+        try:
+            await asyncio.to_thread(self.engine.compile_structured, spec)
+        except StructuredOutputError as e:
+            raise APIError(400, f"{field} cannot be enforced: {e}", param=field) from e
+        return spec
+
+    def sampling_params(self, req: SamplingRequest, prompt_len: int,
+                        structured: StructuredOutput | None = None) -> SamplingParams:
         """The request's sampling options, validated here so a bad one is a 400 naming its field."""
         params = SamplingParams(
             n=req.n,
@@ -233,6 +248,7 @@ class OpenAIServing:
             logprobs=req.logprob_count(),
             skip_special_tokens=req.skip_special_tokens,
             logit_bias=req.token_bias(),
+            structured=structured,
         )
         self.check_params(req, params)
         return params
@@ -374,8 +390,9 @@ class OpenAIServingChat(OpenAIServing):
         """Refuse what we cannot honour before the engine sees it, then answer whole or as an SSE stream."""
         arrival = time.monotonic()
         self.check_request(req)
+        structured = await self.structured_output(req)
         inputs = await self.build_prompt(req, request)
-        params = self.sampling_params(req, len(inputs.token_ids))
+        params = self.sampling_params(req, len(inputs.token_ids), structured)
         stream = await self.submit(inputs.token_ids, params, inputs.pixel_values)
         response_id, created_at = new_id(), now()
         timer = LatencyTimer(self.metrics, arrival)
@@ -391,9 +408,6 @@ class OpenAIServingChat(OpenAIServing):
         """Fields we would otherwise silently ignore are refused, so a client never trusts an unmet option."""
         self.check_text(req)
         check_unsupported(req, UNSUPPORTED_FIELDS)
-        fmt = (req.model_extra or {}).get("response_format")
-        if fmt and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-            raise APIError(400, "only response_format {\"type\": \"text\"} is supported", param="response_format")
         self.check_model(req)
 
     async def build_prompt(self, req: ChatCompletionRequest, request: Request) -> PromptInputs:
@@ -454,8 +468,9 @@ class OpenAIServingCompletion(OpenAIServing):
         """Refuse what we cannot honour before the engine sees it, then answer whole or as an SSE stream."""
         arrival = time.monotonic()
         self.check_request(req)
+        structured = await self.structured_output(req)
         prompts = await asyncio.to_thread(self.build_prompts, req)  # tokenizing must not block the event loop
-        jobs = [(p.token_ids, self.sampling_params(req, len(p.token_ids))) for p in prompts]
+        jobs = [(p.token_ids, self.sampling_params(req, len(p.token_ids), structured)) for p in prompts]
         streams = await self.submit_all(jobs)
         response_id, created_at = new_id("cmpl"), now()
         timers = [LatencyTimer(self.metrics, arrival) for _ in streams]

@@ -3,6 +3,7 @@ response builders."""
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -16,6 +17,7 @@ from tpa_model.sampling import (
     MAX_REPETITION_PENALTY,
     MAX_STOP_SEQUENCES,
     MIN_REPETITION_PENALTY,
+    StructuredOutput,
 )
 
 MAX_N = 128  # samples per request: more would let one request crowd out every other
@@ -117,6 +119,14 @@ def logit_bias_schema(schema: dict[str, Any]) -> None:
             branch["additionalProperties"].update(minimum=-MAX_LOGIT_BIAS, maximum=MAX_LOGIT_BIAS)
 
 
+def constraint(json_schema: dict[str, Any] | str | None = None, regex: str | None = None,
+               choice: list[str] | None = None) -> StructuredOutput:
+    """A structured output from vLLM's fields (a schema given as an object or as JSON text)."""
+    if json_schema is not None and not isinstance(json_schema, str):
+        json_schema = json.dumps(json_schema)
+    return StructuredOutput(json_schema=json_schema, regex=regex, choice=None if choice is None else tuple(choice))
+
+
 def json_int(value: Any) -> Any:
     """JSON has one number type: 2.0 is the integer 2 (as JSON Schema's "integer" says), while true is not a
     number at all. Integral floats become ints; anything else goes on to pydantic's strict int check."""
@@ -126,6 +136,32 @@ def json_int(value: Any) -> Any:
 
 
 JSONInt = Annotated[StrictInt, BeforeValidator(json_int)]  # 2 and 2.0, never true or 2.5
+
+
+class JSONSchemaFormat(BaseModel):
+    """response_format's json_schema: the schema the output must be valid under (its name and strict flag are
+    accepted; the schema is always enforced)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's structured_outputs extra: exactly one of a JSON Schema, a regular expression, a list of choices."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    json_schema: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
 
 
 class StreamOptions(BaseModel):
@@ -155,6 +191,7 @@ class SamplingRequest(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     logit_bias: dict[str, float] | None = Field(None, json_schema_extra=logit_bias_schema)
+    response_format: ResponseFormat | None = None
     # extras that vLLM-style clients send through extra_body
     top_k: JSONInt | None = Field(None, json_schema_extra=bounds(minimum=-1))
     min_p: float | None = Field(None, json_schema_extra=bounds(minimum=0, maximum=1))
@@ -163,6 +200,11 @@ class SamplingRequest(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[JSONInt] | None = Field(None, json_schema_extra=bounds(minimum=0))
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputs | None = None
+    # vLLM's older spelling of structured_outputs
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
 
     def token_bias(self) -> dict[int, float]:
         """logit_bias with its keys as token ids (its values are checked with the other sampling options)."""
@@ -173,6 +215,31 @@ class SamplingRequest(BaseModel):
                                param="logit_bias")
             bias[int(key)] = value
         return bias
+
+    def structured_output(self) -> tuple[str, StructuredOutput] | None:
+        """(the field that asked, the constraint) of the one field that asks for structured output, if any."""
+        asked: list[tuple[str, StructuredOutput]] = []
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            asked.append(("response_format", StructuredOutput(json_schema='{"type": "object"}')))
+        elif fmt is not None and fmt.type == "json_schema":
+            if fmt.json_schema is None or fmt.json_schema.json_schema is None:
+                raise APIError(400, "response_format of type json_schema needs json_schema.schema",
+                               param="response_format")
+            asked.append(("response_format", StructuredOutput(json_schema=json.dumps(fmt.json_schema.json_schema))))
+        if self.structured_outputs is not None:
+            given = self.structured_outputs.model_dump(exclude_none=True)
+            if len(given) != 1:
+                raise APIError(400, "structured_outputs takes exactly one of json, regex and choice",
+                               param="structured_outputs")
+            asked.append(("structured_outputs", constraint(**given)))
+        for name, key in (("guided_json", "json_schema"), ("guided_regex", "regex"), ("guided_choice", "choice")):
+            if getattr(self, name) is not None:
+                asked.append((name, constraint(**{key: getattr(self, name)})))
+        if len(asked) > 1:
+            raise APIError(400, f"{asked[0][0]} and {asked[1][0]} both constrain the output; give one",
+                           param=asked[1][0])
+        return asked[0] if asked else None
 
     def token_limit(self) -> tuple[str, int | None]:
         """(field name, value) of the output length limit, so errors name the field the client used."""
@@ -205,6 +272,31 @@ class ChatCompletionRequest(SamplingRequest):
                                param="logit_bias")
             bias[int(key)] = value
         return bias
+
+    def structured_output(self) -> tuple[str, StructuredOutput] | None:
+        """(the field that asked, the constraint) of the one field that asks for structured output, if any."""
+        asked: list[tuple[str, StructuredOutput]] = []
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            asked.append(("response_format", StructuredOutput(json_schema='{"type": "object"}')))
+        elif fmt is not None and fmt.type == "json_schema":
+            if fmt.json_schema is None or fmt.json_schema.json_schema is None:
+                raise APIError(400, "response_format of type json_schema needs json_schema.schema",
+                               param="response_format")
+            asked.append(("response_format", StructuredOutput(json_schema=json.dumps(fmt.json_schema.json_schema))))
+        if self.structured_outputs is not None:
+            given = self.structured_outputs.model_dump(exclude_none=True)
+            if len(given) != 1:
+                raise APIError(400, "structured_outputs takes exactly one of json, regex and choice",
+                               param="structured_outputs")
+            asked.append(("structured_outputs", constraint(**given)))
+        for name, key in (("guided_json", "json_schema"), ("guided_regex", "regex"), ("guided_choice", "choice")):
+            if getattr(self, name) is not None:
+                asked.append((name, constraint(**{key: getattr(self, name)})))
+        if len(asked) > 1:
+            raise APIError(400, f"{asked[0][0]} and {asked[1][0]} both constrain the output; give one",
+                           param=asked[1][0])
+        return asked[0] if asked else None
 
     def token_limit(self) -> tuple[str, int | None]:
         """OpenAI's newer max_completion_tokens wins over max_tokens when both are set."""

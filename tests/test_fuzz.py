@@ -5,9 +5,9 @@ content types) and the acceptance of valid and refusal of invalid data; zero fai
 Generated bodies would mostly stop at checks the document cannot express: the served model's name, the chat
 template's role order, the length of prompt plus max_tokens against the model's, token ids (of prompts and of
 logit_bias) below the vocabulary size and other than the image placeholder in prompts, fields that must agree
-(`best_of` and `n`, `echo` without `logprobs`). `reachable` mends those in the cases schemathesis means to be
-valid, and keeps them small (max_tokens, n), so that they are tokenized and generate a few tokens in the
-engine. Cases meant to be invalid are sent as generated and must be refused.
+(`best_of` and `n`, `echo` without `logprobs`), which output constraints compile. `reachable` mends those in
+the cases schemathesis means to be valid, and keeps them small (max_tokens, n), so that they are tokenized and
+generate a few tokens in the engine. Cases meant to be invalid are sent as generated and must be refused.
 """
 
 import base64
@@ -70,11 +70,15 @@ def chat_messages(messages: list) -> list:
     return out
 
 
+# the document cannot say which JSON Schemas and regular expressions compile: valid bodies keep none of them
+STRUCTURED_FIELDS = ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice")
+
+
 def reachable(body: dict, path: str, vocab: int, image_id: int | None) -> dict:
     """A valid body mended where the document cannot say what the server needs (see the module docstring)."""
     body = {k: v for k, v in body.items() if k not in ("tools", "tool_choice", "functions", "function_call",
-                                                       "response_format", "suffix", "audio", "modalities",
-                                                       "prediction")}
+                                                       "suffix", "audio", "modalities", "prediction",
+                                                       *STRUCTURED_FIELDS)}
     body.update(model=MODEL, n=min(body.get("n", 1), 2), max_tokens=min(body.get("max_tokens") or 3, 3))
     if isinstance(body.get("seed"), int):  # the generator reads the bound 2**63 - 1 as a float, 2**63, and may pass it
         body["seed"] = min(max(body["seed"], -(2**63)), 2**63 - 1)

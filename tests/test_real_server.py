@@ -3,6 +3,8 @@ OpenAI SDK: real text, and the facts a greedy answer should name."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from openai import OpenAI
 from test_server import LiveServer
@@ -26,6 +28,18 @@ def test_default_model_completes_text_with_the_right_fact(default_server):
     assert "oxygen" in streamed
 
 
+def test_default_model_fills_in_a_choice_and_a_pattern(default_server):
+    """Structured outputs on Gemma's SentencePiece vocabulary (262k pieces): a choice and a regular expression."""
+    client = OpenAI(base_url=default_server.url + "/v1", api_key="unused")
+    r = client.completions.create(model="gemma-3-270m", prompt="The Eiffel Tower is located in the city of",
+                                  max_tokens=8, temperature=0,
+                                  extra_body={"structured_outputs": {"choice": [" Rome", " Paris", " London"]}})
+    assert r.choices[0].text == " Paris" and r.choices[0].finish_reason == "stop"
+    r = client.completions.create(model="gemma-3-270m", prompt="The year the Second World War ended:",
+                                  max_tokens=8, temperature=0, extra_body={"guided_regex": " [0-9]{4}"})
+    assert r.choices[0].text == " 1945" and r.choices[0].finish_reason == "stop"
+
+
 def test_smollm2_answers_a_chat():
     server = LiveServer(["--max-model-len", "1024", "--cache-memory", "0.1"], model="smollm2")
     try:
@@ -34,5 +48,15 @@ def test_smollm2_answers_a_chat():
             model="smollm2", messages=[{"role": "user", "content": "What is the capital of France?"}],
             max_tokens=24, temperature=0)
         assert "Paris" in r.choices[0].message.content and r.choices[0].finish_reason == "stop"
+        # a JSON Schema, on a byte-level BPE vocabulary: the answer parses and has what the schema asks
+        schema = {"type": "object", "properties": {"country": {"type": "string"}, "capital": {"type": "string"}},
+                  "required": ["country", "capital"], "additionalProperties": False}
+        r = client.chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": "What is the capital of France? Answer in JSON."}],
+            max_tokens=40, temperature=0,
+            response_format={"type": "json_schema", "json_schema": {"name": "capital", "schema": schema}})
+        answer = json.loads(r.choices[0].message.content)
+        assert set(answer) == {"country", "capital"} and "Paris" in answer["capital"], answer
+        assert r.choices[0].finish_reason == "stop"
     finally:
         server.stop()

@@ -5,6 +5,7 @@ import base64
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -184,6 +185,24 @@ def test_logit_bias_forces_a_token_on_both_endpoints(client, live):
     assert plain.choices[0].message.content != forced
 
 
+def test_structured_outputs_through_the_sdk(client, live):
+    """response_format with a JSON Schema (streamed and not) and vLLM's structured_outputs: the random demo
+    model's text is valid under the constraint and the choice finishes with "stop"."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+    r = chat(client, max_tokens=40, seed=1, response_format=fmt)
+    answer = json.loads(r.choices[0].message.content)
+    assert set(answer) == {"ok", "n"} and r.choices[0].finish_reason == "stop"
+    chunks = list(chat(client, max_tokens=40, seed=2, response_format=fmt, stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert set(json.loads(streamed)) == {"ok", "n"} and chunks[-1].choices[0].finish_reason == "stop"
+    r = client.completions.create(model=MODEL, prompt="Pick one:", max_tokens=10, n=3, seed=3,
+                                  extra_body={"structured_outputs": {"regex": "(cat|dog)[0-9]"}})
+    assert all(re.fullmatch("(cat|dog)[0-9]", c.text) and c.finish_reason == "stop" for c in r.choices)
+    assert live.idle()
+
+
 @pytest.mark.parametrize("bias,match", [
     ({"seven": 1}, "logit_bias keys must be token ids in decimal digits, got 'seven'"),
     ({"-3": 1}, "logit_bias keys must be token ids"),
@@ -201,7 +220,12 @@ def test_bad_logit_bias_is_400_naming_it(client, live, bias, match):
     (dict(max_tokens=100_000), "plus max_tokens \\(100000\\) is"),
     (dict(temperature=5.0), "temperature"),
     (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools is not supported"),
-    (dict(response_format={"type": "json_object"}), "response_format"),
+    (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}),
+     "response_format cannot be enforced: Invalid type: nonsense"),
+    (dict(response_format={"type": "json_schema", "json_schema": {"name": "x"}}), "needs json_schema.schema"),
+    (dict(response_format={"type": "json_object"}, extra_body={"guided_regex": "a+"}),
+     "response_format and guided_regex both constrain the output"),
+    (dict(extra_body={"structured_outputs": {"regex": "a", "choice": ["a"]}}), "exactly one of json, regex"),
     (dict(n=0), "n"),
     (dict(n=1000), "n must be at most 128"),
 ])

@@ -41,6 +41,17 @@ def _require(ok: bool, param: str, message: str) -> None:
         raise ParamError(param, message)
 
 
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on a sequence's text, exactly one of: JSON valid under `json_schema` (a JSON Schema as JSON
+    text; '{"type": "object"}' for any object), a match of the regular expression `regex`, or one of `choice`.
+    The engine enforces it token by token and stops the sequence when it is complete."""
+
+    json_schema: str | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+
+
 @dataclass
 class SamplingParams:
     """The generation settings of one request, as an OpenAI-compatible API accepts them."""
@@ -61,6 +72,7 @@ class SamplingParams:
     logprobs: int | None = None  # None = off; k >= 0 = the chosen token's logprob plus the top k alternatives
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):  # the API accepts a single string as well as a list
@@ -102,6 +114,13 @@ class SamplingParams:
             _require(isinstance(s, str) and len(s) > 0, "stop", f"stop sequences must be non-empty strings, got {s!r}")
         for t in self.stop_token_ids:
             _require(t >= 0, "stop_token_ids", f"stop_token_ids must be non-negative token ids, got {t}")
+        if self.structured is not None:
+            given = [x for x in (self.structured.json_schema, self.structured.regex, self.structured.choice)
+                     if x is not None]
+            _require(len(given) == 1, "structured", "a structured output has exactly one of json_schema, regex and "
+                     f"choice, got {len(given)}")
+            _require(self.structured.choice is None or len(self.structured.choice) > 0, "structured",
+                     "a structured output's choice lists at least one string")
         for t, bias in self.logit_bias.items():
             _require(t >= 0, "logit_bias", f"logit_bias keys must be non-negative token ids, got {t}")
             _require(-MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS, "logit_bias",

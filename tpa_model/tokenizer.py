@@ -245,6 +245,24 @@ class GemmaTokenizer(ChatEncoding):
             parts.append(self._sp.decode(run))
         return "".join(parts)
 
+    def token_bytes(self) -> tuple[list[bytes], set[int]]:
+        """Each id's bytes as it adds them to a text ("▁" a space, "<0x0A>" the byte 10), and the special ids
+        (control and added pieces, as their names): the vocabulary as a grammar engine reads it."""
+        tokens: list[bytes] = []
+        special: set[int] = set()
+        for token_id in range(self.vocab_size):
+            ordinary = token_id < self._sp_size and token_id not in self._id_to_control and not (
+                self._sp.is_control(token_id) or self._sp.is_unknown(token_id))
+            if not ordinary:
+                special.add(token_id)
+                tokens.append((self._id_to_control.get(token_id) or self._added_by_id.get(token_id)
+                               or (self._sp.id_to_piece(token_id) if token_id < self._sp_size else "")).encode())
+            elif self._sp.is_byte(token_id):
+                tokens.append(bytes([int(self._sp.id_to_piece(token_id)[3:5], 16)]))
+            else:
+                tokens.append(self._sp.id_to_piece(token_id).replace("▁", " ").encode())
+        return tokens, special
+
     def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
         """The text google/gemma-3-*-it's chat template renders for `messages` (see `render_gemma3_chat`)."""
         return render_gemma3_chat(messages, add_generation_prompt=add_generation_prompt)

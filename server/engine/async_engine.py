@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tpa_model.sampling import SamplingParams
+from tpa_model.sampling import SamplingParams, StructuredOutput
 
 from .engine import CompletionOutput, LLMEngine, RequestOutput
 
@@ -283,6 +283,11 @@ class AsyncEngine:
         """Prompt ids and pixels of a chat (see LLMEngine.build_inputs); safe on any thread (it only reads the
         tokenizer and the vision config), so the API runs it in a worker thread."""
         return self.engine.build_inputs(messages, images, pan_and_scan)
+
+    def compile_structured(self, spec: StructuredOutput) -> None:
+        """Compile an output constraint ahead of its request (StructuredOutputError if it is invalid); safe on
+        any thread, so the API runs it in a worker thread and the engine's loop finds it compiled."""
+        self.engine.structured.compile(spec)
 
     @property
     def is_alive(self) -> bool:

@@ -19,6 +19,7 @@ from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
 from .model_runner import ModelRunner, StepOutput
 from .scheduler import ImageInput, Scheduler, Sequence, Status
+from .structured import StructuredOutputs, consume
 
 log = logging.getLogger("gemma_tpa.engine")
 
@@ -90,6 +91,7 @@ class LLMEngine:
         log.info("%s", quality_summary(getattr(model, "provenance", None), self.is_exact))
         self.eos_ids = frozenset(tokenizer.stop_token_ids) | frozenset(text.eos_token_id)
         self.never_sampled = self._never_sampled_ids()
+        self.structured = StructuredOutputs(tokenizer, text.vocab_size, self.eos_ids)
         self.requests: dict[str, list[Sequence]] = {}
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.num_prompt_tokens = 0
@@ -186,11 +188,15 @@ class LLMEngine:
                 f"model length of {self.max_model_len} tokens"
             )
         images = self.image_inputs(prompt_ids, pixel_values)
+        if params.structured is not None:
+            self.structured.compile(params.structured)
         seqs = []
         for i in range(params.n):
             seed = None if params.seed is None else params.seed + i
             seq = Sequence(f"{request_id}#{i}", request_id, i, list(prompt_ids), params,
                            generator=make_generator(seed, self.model.device), images=images)
+            if params.structured is not None:
+                seq.matcher = self.structured.matcher(params.structured)
             self.scheduler.add(seq, len(prompt_ids) + max_tokens)
             self.detokenizers[seq.seq_id] = IncrementalDetokenizer(
                 self.tokenizer, params.stop, skip_special_tokens=params.skip_special_tokens
@@ -284,6 +290,9 @@ class LLMEngine:
             logits[row] = 0.0
         logits[:, self.never_sampled] = float("-inf")
         seqs = [c.seq for c in out.sampling]
+        constrained = [(row, seq.matcher) for row, seq in enumerate(seqs) if seq.matcher is not None]
+        if constrained:
+            self.structured.mask(logits, constrained)
         result = sample(logits, [s.params for s in seqs], [s.generator for s in seqs],
                         [s.prompt_ids for s in seqs], [s.output_ids for s in seqs])
         return list(zip(result.token_ids, result.logprobs, result.top_logprobs)), failed
@@ -307,6 +316,7 @@ class LLMEngine:
         return outputs + [self._output(rid, deltas) for rid, deltas in progressed.items() if rid not in failed]
 
     def _append(self, seq: Sequence, token: int, logprob, top) -> str:
+        complete = seq.matcher is not None and consume(seq.matcher, token)
         seq.output_ids.append(token)
         if logprob is not None:
             seq.logprobs.append(logprob)
@@ -316,7 +326,7 @@ class LLMEngine:
         delta = detok.add(token)
         p = seq.params
         reason = None
-        if detok.stopped or token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
+        if complete or detok.stopped or token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
             reason = "stop"
         elif (p.max_tokens is not None and len(seq.output_ids) >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
             reason = "length"

@@ -14,6 +14,7 @@ import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -62,6 +63,7 @@ class Sequence:
     first_scheduled_time: float | None = None
     images: list[ImageInput] = field(default_factory=list)
     hashes: list[bytes] = field(default_factory=list)  # digests of the full blocks hashed so far
+    matcher: Any = None  # llguidance's matcher of a structured output (server/engine/structured.py)
 
     @property
     def token_ids(self) -> list[int]:
