@@ -263,41 +263,6 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool = False
     top_logprobs: JSONInt | None = Field(None, json_schema_extra=bounds(minimum=0, maximum=MAX_LOGPROBS))
 
-    def token_bias(self) -> dict[int, float]:
-        """logit_bias with its keys as token ids (its values are checked with the other sampling options)."""
-        bias = {}
-        for key, value in (self.logit_bias or {}).items():
-            if not re.fullmatch(TOKEN_ID_KEY, key):
-                raise APIError(400, f"logit_bias keys must be token ids in decimal digits, got {key!r}",
-                               param="logit_bias")
-            bias[int(key)] = value
-        return bias
-
-    def structured_output(self) -> tuple[str, StructuredOutput] | None:
-        """(the field that asked, the constraint) of the one field that asks for structured output, if any."""
-        asked: list[tuple[str, StructuredOutput]] = []
-        fmt = self.response_format
-        if fmt is not None and fmt.type == "json_object":
-            asked.append(("response_format", StructuredOutput(json_schema='{"type": "object"}')))
-        elif fmt is not None and fmt.type == "json_schema":
-            if fmt.json_schema is None or fmt.json_schema.json_schema is None:
-                raise APIError(400, "response_format of type json_schema needs json_schema.schema",
-                               param="response_format")
-            asked.append(("response_format", StructuredOutput(json_schema=json.dumps(fmt.json_schema.json_schema))))
-        if self.structured_outputs is not None:
-            given = self.structured_outputs.model_dump(exclude_none=True)
-            if len(given) != 1:
-                raise APIError(400, "structured_outputs takes exactly one of json, regex and choice",
-                               param="structured_outputs")
-            asked.append(("structured_outputs", constraint(**given)))
-        for name, key in (("guided_json", "json_schema"), ("guided_regex", "regex"), ("guided_choice", "choice")):
-            if getattr(self, name) is not None:
-                asked.append((name, constraint(**{key: getattr(self, name)})))
-        if len(asked) > 1:
-            raise APIError(400, f"{asked[0][0]} and {asked[1][0]} both constrain the output; give one",
-                           param=asked[1][0])
-        return asked[0] if asked else None
-
     def token_limit(self) -> tuple[str, int | None]:
         """OpenAI's newer max_completion_tokens wins over max_tokens when both are set."""
         if self.max_completion_tokens is not None:
