@@ -158,7 +158,9 @@ def test_timeout_is_a_failure(base_url):
     result = asyncio.run(serve.run_benchmark(base_url, settings))
     assert result["completed"] == 0 and result["failed"] == 2
     assert all(e.startswith("timeout after") for e in result["errors"])
-    assert all(row["e2el_ms"] < FIRST_DELAY * 1000 for row in result["requests"])
+    # cut before the first content chunk (sent after FIRST_DELAY); no bound on the wall time, which a loaded
+    # machine stretches (it made this check flaky), but the partial record is kept
+    assert all(row["ttft_ms"] is None and row["e2el_ms"] > 0 for row in result["requests"])
 
 
 def test_counts_content_chunks_without_usage(base_url):
