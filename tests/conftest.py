@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import functools
+import os
 import socket
 from pathlib import Path
 
 import pytest
 import torch
 import transformers  # the reference implementation; a test-only dependency
+
+# The held-out prose (tpa_model/texts.py) is fetched and converted once per machine (11 s), not again for each
+# test that points GEMMA_TPA_CACHE at a fresh folder for the demo model.
+os.environ.setdefault("GEMMA_TPA_TEXTS", str(Path.home() / ".cache" / "gemma-tpa" / "texts"))
 
 TINY_TEXT = dict(
     vocab_size=320,

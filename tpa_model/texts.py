@@ -4,8 +4,8 @@ Nobody here wrote it, it installs offline from the Debian mirror (`python3.11-do
 plain technical English, so perplexity and retrieval on it mean something for any English model. On first use
 `apt-get download` fetches the package into a temporary folder, `dpkg-deb -x` unpacks it, every
 reStructuredText source under usr/share/doc/python3.11/html/_sources/ is turned into prose paragraphs
-(directives, code, tables and markup dropped), and the result is cached as one JSON file in
-$GEMMA_TPA_CACHE/texts (default ~/.cache/gemma-tpa/texts).
+(directives, code, tables and markup dropped), and the result is cached as one JSON file in $GEMMA_TPA_TEXTS
+(default $GEMMA_TPA_CACHE/texts, and ~/.cache/gemma-tpa/texts without either).
 
 The split is by file, fixed by a hash of the file's path (see `split_of`): about one file in five
 (`EVAL_SHARE`) is evaluation text, the rest is calibration text, and the few paragraphs that occur on both
@@ -41,6 +41,8 @@ class TextsUnavailable(RuntimeError):
 
 
 def texts_dir() -> Path:
+    if os.environ.get("GEMMA_TPA_TEXTS"):
+        return Path(os.environ["GEMMA_TPA_TEXTS"])
     root = Path(os.environ.get("GEMMA_TPA_CACHE", Path.home() / ".cache" / "gemma-tpa"))
     return root / "texts"
 
