@@ -29,7 +29,7 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 # three prompts long enough to slide the demo model's window (16), with different output lengths so that the
 # decode batch shrinks from 3 (padded to 4) to 2 and 1 as sequences finish
 PROMPTS = [[2, 10, 11, 12], [2] + list(range(40, 61)), [2, 40]]
-MAX_TOKENS = [8, 5, 2]
+MAX_TOKENS = [5, 3, 2]  # after the prefill step: decode steps of 3, 2, 1 and 1 sequences
 
 
 def test_batch_sizes():
