@@ -55,11 +55,14 @@ from .protocol import (
     Health,
     ModelList,
     SamplingRequest,
+    joined_logprobs,
     legacy_logprobs,
+    legacy_prompt_logprobs,
     logprobs_content,
     lone_surrogate_field,
     new_id,
     now,
+    text_end,
     usage,
 )
 
@@ -246,6 +249,7 @@ class OpenAIServing:
             stop_token_ids=list(req.stop_token_ids or []),
             ignore_eos=req.ignore_eos,
             logprobs=req.logprob_count(),
+            prompt_logprobs=req.prompt_logprob_count(),
             skip_special_tokens=req.skip_special_tokens,
             logit_bias=req.token_bias(),
             structured=structured,
@@ -491,9 +495,6 @@ class OpenAIServingCompletion(OpenAIServing):
         if req.best_of is not None and req.best_of > req.n:
             raise APIError(400, "best_of greater than n is not supported by this server (it would rank samples "
                                 "here by logprob); ask for n samples and rank them yourself", param="best_of")
-        if req.echo and req.logprobs is not None:
-            raise APIError(400, "echo with logprobs is not supported: this server does not compute the prompt's "
-                                "logprobs", param="echo")
         count = len(req.prompts())
         if count > 1 and count * req.n > MAX_N:
             raise APIError(400, f"{count} prompts with n={req.n} make {count * req.n} sequences, more than the "
@@ -535,16 +536,25 @@ class OpenAIServingCompletion(OpenAIServing):
 
     def completion_body(self, finals: list[RequestOutput], prompts: list[CompletionPrompt], req: CompletionRequest,
                         response_id: str, created_at: int) -> dict[str, Any]:
-        choices = [self.completion_choice(p * req.n + c.index, prompt.echo, c)
+        choices = [self.completion_choice(p * req.n + c.index, prompt.echo, c, self.echoed_logprobs(final))
                    for p, (final, prompt) in enumerate(zip(finals, prompts)) for c in final.outputs]
         return {"id": response_id, "object": "text_completion", "created": created_at, "model": req.model,
                 "choices": choices, "usage": output_usage(finals)}
 
-    def completion_choice(self, index: int, echo: str, c: CompletionOutput) -> dict[str, Any]:
+    def completion_choice(self, index: int, echo: str, c: CompletionOutput,
+                          prompt_logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
         logprobs = None
         if c.logprobs is not None:
-            logprobs = legacy_logprobs(self.tokenizer, c.token_ids, c.logprobs, c.top_logprobs, offset=len(echo))
+            offset = len(echo) if prompt_logprobs is None else text_end(prompt_logprobs)  # counted as the tokens are
+            logprobs = legacy_logprobs(self.tokenizer, c.token_ids, c.logprobs, c.top_logprobs, offset=offset)
+        logprobs = joined_logprobs(prompt_logprobs, logprobs)
         return {"index": index, "text": echo + c.text, "logprobs": logprobs, "finish_reason": c.finish_reason}
+
+    def echoed_logprobs(self, out: RequestOutput) -> dict[str, Any] | None:
+        """The prompt's part of the logprobs of an echoed completion (echo with logprobs)."""
+        if out.prompt_logprobs is None:
+            return None
+        return legacy_prompt_logprobs(self.tokenizer, out.prompt_token_ids, out.prompt_logprobs)
 
 
 def queue_full(e: QueueFullError) -> APIError:
@@ -660,13 +670,26 @@ class CompletionChunkWriter(SSEWriter):
         super().__init__(tokenizer, req, response_id, created_at, len(echoes) * req.n)
         self.n, self.echoes = req.n, echoes
         self.offsets = [len(echo) for echo in echoes for _ in range(req.n)]  # text_offset of each choice's next token
+        # echo with logprobs: a prompt's text goes out with its logprobs, once the engine has computed them
+        self.unscored = set(range(len(echoes))) if req.prompt_logprob_count() is not None else set()
 
     def opening(self) -> list[str]:
         """With echo, every choice starts with its prompt's text."""
-        return [self.event([{"index": p * self.n + i, "text": echo, "logprobs": None, "finish_reason": None}])
-                for p, echo in enumerate(self.echoes) if echo for i in range(self.n)]
+        return [event for p, echo in enumerate(self.echoes) if echo and p not in self.unscored
+                for event in self.echo_events(p)]
+
+    def echo_events(self, prompt: int, logprobs: dict[str, Any] | None = None) -> list[str]:
+        """Each of the prompt's choices opens with its text (and, with logprobs, the prompt's logprobs)."""
+        return [self.event([{"index": prompt * self.n + i, "text": self.echoes[prompt], "logprobs": logprobs,
+                             "finish_reason": None}]) for i in range(self.n)]
 
     def events(self, prompt: int, out: RequestOutput) -> Iterator[str]:
+        if prompt in self.unscored and out.prompt_logprobs is not None:
+            self.unscored.remove(prompt)
+            logprobs = legacy_prompt_logprobs(self.tokenizer, out.prompt_token_ids, out.prompt_logprobs)
+            for i in range(self.n):
+                self.offsets[prompt * self.n + i] = text_end(logprobs)
+            yield from self.echo_events(prompt, logprobs)
         for c in out.outputs:
             event = self.choice_event(prompt * self.n + c.index, c)
             if event is not None:

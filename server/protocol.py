@@ -249,6 +249,10 @@ class SamplingRequest(BaseModel):
         """SamplingParams.logprobs: None for none, k for the chosen token's logprob and k alternatives."""
         raise NotImplementedError
 
+    def prompt_logprob_count(self) -> int | None:
+        """SamplingParams.prompt_logprobs: the same for the prompt's tokens; none by default."""
+        return None
+
     def text_lengths(self) -> list[int]:
         """Characters of each text the request asks to tokenize, for the limit checked before tokenizing."""
         raise NotImplementedError
@@ -313,6 +317,10 @@ class CompletionRequest(SamplingRequest):
     def logprob_count(self) -> int | None:
         return self.logprobs
 
+    def prompt_logprob_count(self) -> int | None:
+        """echo with logprobs shows the prompt's tokens with their logprobs too."""
+        return self.logprobs if self.echo else None
+
     def text_lengths(self) -> list[int]:
         """Each prompt of a batch is tokenized on its own."""
         return [len(p) for p in self.prompts() if isinstance(p, str)]
@@ -367,8 +375,8 @@ class ChatCompletionResponse(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]  # null for an echoed prompt's first token
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 
@@ -499,6 +507,28 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
 def token_text(tokenizer, token_id: int) -> str:
     """A token's own text, control tokens written out, as logprobs show it."""
     return tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def legacy_prompt_logprobs(tokenizer, prompt_ids: list[int], scored: list) -> dict[str, Any]:
+    """The prompt's part of an echoed completion's logprobs object: `scored` has (logprob, top) for each prompt
+    token after the first, which has no context to be scored in (null, as OpenAI writes it)."""
+    first = token_text(tokenizer, prompt_ids[0])
+    rest = legacy_logprobs(tokenizer, prompt_ids[1:], [lp for lp, _ in scored], [top for _, top in scored],
+                           offset=len(first))
+    return {"tokens": [first, *rest["tokens"]], "token_logprobs": [None, *rest["token_logprobs"]],
+            "top_logprobs": [None, *rest["top_logprobs"]], "text_offset": [0, *rest["text_offset"]]}
+
+
+def text_end(logprobs: dict[str, Any]) -> int:
+    """Where the text after a legacy logprobs object's tokens starts, as its text_offset counts."""
+    return logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
+
+
+def joined_logprobs(head: dict[str, Any] | None, tail: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Two legacy logprobs objects as one: the second's entries after the first's."""
+    if head is None or tail is None:
+        return head or tail
+    return {key: head[key] + tail[key] for key in head}
 
 
 def logprobs_content(tokenizer, token_ids: list[int], logprobs: list[float], tops: list) -> dict[str, Any]:

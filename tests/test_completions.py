@@ -7,6 +7,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 from test_server import LiveServer, fail_after  # tests/ is on sys.path (rootdir conftest)
 
 MODEL = "gemma-tpa-demo"
@@ -203,6 +204,32 @@ def test_echo(live, client):
     assert by_ids.choices[0].text == PROMPT + plain  # the bos is a special token, skipped
 
 
+def test_echo_with_logprobs_scores_the_prompt(live, client):
+    """echo with logprobs, as evaluation harnesses ask for a text's loglikelihood (lm-evaluation-harness's
+    completions API): every prompt token after the first has the model's logprob given the tokens before it and
+    the top alternatives; the first has none; the generated token follows. Streamed: the same, in the opening."""
+    tokenizer = live.app.state.serving_completion.tokenizer
+    ids = tokenizer.encode("The cache holds the factors of every token in the sequence.", add_bos=True)
+    model = live.engine.engine.model
+    with torch.no_grad():
+        logp = torch.log_softmax(model.forward_sequences(torch.tensor([ids]))[0].float(), dim=-1)
+    r = complete(client, prompt=ids, echo=True, logprobs=2, max_tokens=1, temperature=0)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(ids) + 1
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    expected = [logp[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
+    assert lp.token_logprobs[1:len(ids)] == pytest.approx(expected, abs=1e-4)
+    assert all(len(top) >= 2 for top in lp.top_logprobs[1:])
+    assert lp.tokens[-1] == r.choices[0].text[len(r.choices[0].text) - len(lp.tokens[-1]):]  # the generated token
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+
+    streamed = list(complete(client, prompt=ids, echo=True, logprobs=2, max_tokens=1, temperature=0, stream=True))
+    opening = streamed[0].choices[0]
+    assert opening.text == r.choices[0].text[:len(opening.text)] and opening.logprobs.token_logprobs[0] is None
+    assert opening.logprobs.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
+    assert live.idle()
+
+
 def test_unknown_fields_are_ignored(live):
     r = httpx.post(live.url + "/v1/completions", timeout=30,
                    json={"model": MODEL, "prompt": "hi", "max_tokens": 2, "no_such_option": {"x": 1}})
@@ -246,7 +273,6 @@ def assert_openai_error(info, param=None, code=None):
     (dict(suffix="and then"), "suffix", "suffix is not supported"),
     (dict(best_of=3, n=1), "best_of", "best_of greater than n is not supported"),
     (dict(best_of=1, n=2), "best_of", "best_of must be at least n"),
-    (dict(echo=True, logprobs=1), "echo", "echo with logprobs"),
     (dict(prompt=[1, 2, 10**6]), "prompt", "prompt token ids must be integers"),
     (dict(prompt=[]), "prompt", "prompt must be a string"),
     (dict(prompt=[[1, 2], []]), "prompt", "prompt must be a string"),

@@ -295,3 +295,31 @@ def test_all_global_and_all_sliding_models(demo_dir, tokenizer, layer_type, rank
     for i, p in enumerate(ps):
         assert done[f"r{i}"].outputs[0].token_ids == generate(model, [p], 30)[0], f"request {i}"
     assert all_free(engine)
+
+
+@torch.no_grad()
+def test_prompt_logprobs_equal_a_whole_forward(model, tokenizer):
+    """prompt_logprobs: each prompt token's logprob and top k under the model given the tokens before it, as
+    one forward over the whole prompt gives them; computed in chunks (budget 8), past a cached copy of the
+    prompt (prefix caching skips nothing scored), and for the first of n samples only."""
+    prompt = tokenizer.encode("The cache holds factors of keys and values for every token. " * 3, add_bos=True)
+    assert len(prompt) > 30
+    logp = torch.log_softmax(model.forward_sequences(torch.tensor([prompt]))[0].float(), dim=-1)
+    engine = make_engine(model, tokenizer, max_num_batched_tokens=8)
+    engine.add_request("warm", prompt, SamplingParams(max_tokens=2, **GREEDY))  # its blocks stay cached
+    while engine.has_unfinished():
+        engine.step()
+    engine.add_request("scored", prompt, SamplingParams(max_tokens=2, n=2, prompt_logprobs=3, **GREEDY))
+    outs = []
+    while engine.has_unfinished():
+        outs += [out for out in engine.step() if out.request_id == "scored"]
+    scored = outs[-1].prompt_logprobs
+    assert len(scored) == len(prompt) - 1
+    for position, (lp, top) in enumerate(scored):
+        expected = logp[position]
+        assert lp == pytest.approx(expected[prompt[position + 1]].item(), abs=1e-4), position
+        values, ids = expected.topk(3)
+        assert [t for t, _ in top] == ids.tolist(), position
+        assert [v for _, v in top] == pytest.approx(values.tolist(), abs=1e-4)
+    assert outs[-1].num_cached_tokens == 0  # the scored sample computed the whole prompt itself
+    assert all_free(engine)

@@ -5,9 +5,9 @@ content types) and the acceptance of valid and refusal of invalid data; zero fai
 Generated bodies would mostly stop at checks the document cannot express: the served model's name, the chat
 template's role order, the length of prompt plus max_tokens against the model's, token ids (of prompts and of
 logit_bias) below the vocabulary size and other than the image placeholder in prompts, fields that must agree
-(`best_of` and `n`, `echo` without `logprobs`), which output constraints compile. `reachable` mends those in
-the cases schemathesis means to be valid, and keeps them small (max_tokens, n), so that they are tokenized and
-generate a few tokens in the engine. Cases meant to be invalid are sent as generated and must be refused.
+(`best_of` and `n`), which output constraints compile. `reachable` mends those in the cases schemathesis means
+to be valid, and keeps them small (max_tokens, n), so that they are tokenized and generate a few tokens in the
+engine. Cases meant to be invalid are sent as generated and must be refused.
 """
 
 import base64
@@ -97,8 +97,6 @@ def reachable(body: dict, path: str, vocab: int, image_id: int | None) -> dict:
             prompt = [clamp(p) for p in prompt] if isinstance(prompt[0], list) else clamp(prompt)
         body["prompt"] = prompt[:4] if isinstance(prompt, list) and isinstance(prompt[0], (str, list)) else prompt
         body["best_of"] = None
-        if body.get("logprobs") is not None:
-            body["echo"] = False
     return body
 
 

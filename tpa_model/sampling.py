@@ -72,6 +72,7 @@ class SamplingParams:
     logprobs: int | None = None  # None = off; k >= 0 = the chosen token's logprob plus the top k alternatives
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    prompt_logprobs: int | None = None  # None = off; k >= 0 = each prompt token's logprob plus the top k
     structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
@@ -105,9 +106,10 @@ class SamplingParams:
             _require(-(2**63) <= self.seed < 2**63, "seed", f"seed must be a 64-bit signed integer, got {self.seed}")
         if self.max_tokens is not None:
             _require(self.max_tokens >= 1, "max_tokens", f"max_tokens must be at least 1, got {self.max_tokens}")
-        if self.logprobs is not None:
-            _require(0 <= self.logprobs <= MAX_LOGPROBS, "logprobs",
-                     f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                _require(0 <= value <= MAX_LOGPROBS, name, f"{name} must be between 0 and {MAX_LOGPROBS}, got {value}")
         _require(len(self.stop) <= MAX_STOP_SEQUENCES, "stop",
                  f"stop may contain at most {MAX_STOP_SEQUENCES} sequences, got {len(self.stop)}")
         for s in self.stop:
@@ -266,6 +268,17 @@ def _draw(x: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Te
     return (x - noise.log()).argmax(dim=-1)
 
 
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
+                   k: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """Each row's logprob of its token, and its k likeliest (id, logprob), descending. A token of probability
+    0 (masked: -inf) is reported as OpenAI does, as MIN_LOGPROB: JSON has no -inf."""
+    lp = torch.log_softmax(logits.float(), dim=-1).nan_to_num(nan=MIN_LOGPROB, neginf=MIN_LOGPROB)
+    lp = lp.clamp(min=MIN_LOGPROB)
+    chosen = lp.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
+    top_values, top_ids = lp.topk(min(k, lp.shape[1]), dim=-1)
+    return chosen, [list(zip(ids, values)) for ids, values in zip(top_ids.tolist(), top_values.tolist())]
+
+
 def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
@@ -306,15 +319,8 @@ def sample(
     wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
     if wanted:
         idx = _index(wanted, device)
-        # A masked token's logprob is -inf and JSON has no -inf: report it as OpenAI does, as MIN_LOGPROB.
-        lp = torch.log_softmax(logits[idx], dim=-1).nan_to_num(nan=MIN_LOGPROB, neginf=MIN_LOGPROB)
-        lp = lp.clamp(min=MIN_LOGPROB)
-        chosen = lp.gather(1, tokens[idx].unsqueeze(1)).squeeze(1).tolist()
-        k = min(max(params[i].logprobs for i in wanted), lp.shape[1])
-        top_values, top_ids = lp.topk(k, dim=-1)  # sorted descending
-        top_values, top_ids = top_values.tolist(), top_ids.tolist()
+        chosen, tops = token_logprobs(logits[idx], tokens[idx], max(params[i].logprobs for i in wanted))
         for j, i in enumerate(wanted):
             chosen_lp[i] = chosen[j]
-            n = params[i].logprobs
-            top_lp[i] = list(zip(top_ids[j][:n], top_values[j][:n]))
+            top_lp[i] = tops[j][:params[i].logprobs]
     return SampleResult(token_ids, chosen_lp, top_lp)

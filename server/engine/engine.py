@@ -12,7 +12,7 @@ from tpa_model.metadata import image_spans
 from tpa_model.model import GemmaTPAModel
 from tpa_model.prompts import PromptInputs, build_chat_inputs
 from tpa_model.provenance import summary as quality_summary
-from tpa_model.sampling import ParamError, SamplingParams, make_generator, sample
+from tpa_model.sampling import ParamError, SamplingParams, make_generator, sample, token_logprobs
 from tpa_model.tokenizer import GemmaTokenizer
 
 from .block_manager import BlockManager
@@ -45,6 +45,9 @@ class RequestOutput:
     num_cached_tokens: int = 0
     queue_seconds: float | None = None  # arrival to first scheduling, of the request's first sample
     error: BaseException | None = None  # a step failed this request: it ended, its samples say "error"
+    # with SamplingParams.prompt_logprobs, once the prompt is computed: (logprob, top list) of prompt tokens
+    # 1, 2, ... (token 0 has no context to be scored in)
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
 
 @dataclass
@@ -279,6 +282,7 @@ class LLMEngine:
     def sample(self, out: StepOutput) -> tuple[list[tuple[int, float | None, list | None]], dict[str, BaseException]]:
         """(token, logprob, top logprobs) for each sampling sequence, and the requests whose logits are not
         numbers (NaN or +inf: a token drawn from them would be arbitrary), which fail instead."""
+        self.score_prompts(out)
         if not out.sampling:
             return [], {}
         logits = out.logits
@@ -296,6 +300,19 @@ class LLMEngine:
         result = sample(logits, [s.params for s in seqs], [s.generator for s in seqs],
                         [s.prompt_ids for s in seqs], [s.output_ids for s in seqs])
         return list(zip(result.token_ids, result.logprobs, result.top_logprobs)), failed
+
+    def score_prompts(self, out: StepOutput) -> None:
+        """Record the logprobs of the prompt tokens this step's logits score: the model's own distribution
+        (no penalties, bias or masks), as vLLM's prompt_logprobs."""
+        if not out.scoring:
+            return
+        seqs = [seq for seq, rows in out.scoring for _ in range(rows)]
+        targets = [seq.prompt_ids[len(seq.prompt_logprobs) + 1 + i] for seq, rows in out.scoring for i in range(rows)]
+        k = max(seq.params.prompt_logprobs for seq, _ in out.scoring)
+        device = out.prompt_logits.device
+        chosen, tops = token_logprobs(out.prompt_logits, torch.tensor(targets, device=device), k)
+        for seq, logprob, top in zip(seqs, chosen, tops):
+            seq.prompt_logprobs.append((logprob, top[:seq.params.prompt_logprobs]))
 
     def detokenize(self, chunks, tokens) -> list[RequestOutput]:
         """Append each sampled token; an error here (the detokenizer's) fails only that token's request."""
@@ -356,7 +373,9 @@ class LLMEngine:
         finished = all(s.status is Status.FINISHED for s in seqs)
         first = seqs[0]
         queued = None if first.first_scheduled_time is None else first.first_scheduled_time - first.arrival_time
-        out = RequestOutput(request_id, first.prompt_ids, outputs, finished, first.num_cached_prompt, queued)
+        scored = first.scores_prompt and len(first.prompt_logprobs) == len(first.prompt_ids) - 1
+        out = RequestOutput(request_id, first.prompt_ids, outputs, finished, first.num_cached_prompt, queued,
+                            prompt_logprobs=first.prompt_logprobs if scored else None)
         if finished:
             del self.requests[request_id]
             for s in seqs:

@@ -9,7 +9,7 @@ scheduler never sees a tensor; the model never sees a sequence.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,7 +20,7 @@ from tpa_model.metadata import AttentionMetadata, build_metadata
 from tpa_model.model import GemmaTPAModel
 
 from .cuda_graphs import DecodeGraphs, graph_batch_sizes
-from .scheduler import ScheduledChunk
+from .scheduler import ScheduledChunk, Sequence
 
 log = logging.getLogger("gemma_tpa.engine")
 
@@ -128,12 +128,24 @@ class StepInputs:
     metadata: AttentionMetadata
     pixel_values: torch.Tensor | None
     sampling: list[ScheduledChunk]  # the chunks that reached their sequence's end, in logits order
+    scoring: list[tuple[Sequence, int]]  # (sequence, rows): after the sampling rows, prompt positions scored
 
 
 @dataclass
 class StepOutput:
     sampling: list[ScheduledChunk]
     logits: torch.Tensor  # float32 [len(sampling), vocab]
+    scoring: list[tuple[Sequence, int]] = field(default_factory=list)
+    prompt_logits: torch.Tensor | None = None  # [sum of scoring rows, vocab], the model's dtype
+
+
+def prompt_positions_to_score(chunk: ScheduledChunk) -> tuple[int, int]:
+    """[first, last): the positions of the chunk whose logits score a prompt token not scored yet."""
+    seq = chunk.seq
+    if not seq.scores_prompt:
+        return 0, 0
+    first = max(chunk.start, len(seq.prompt_logprobs))
+    return first, min(chunk.start + chunk.length, len(seq.prompt_ids) - 1)
 
 
 class ModelRunner:
@@ -230,7 +242,8 @@ class ModelRunner:
         else:
             logits = self.model(step.input_ids, step.metadata.positions, step.metadata,
                                 pixel_values=step.pixel_values)
-        return StepOutput(step.sampling, logits.float())
+        n = len(step.sampling)
+        return StepOutput(step.sampling, logits[:n].float(), step.scoring, logits[n:] if step.scoring else None)
 
     def prepare(self, chunks: list[ScheduledChunk]) -> StepInputs:
         """The host side of a step: packed token ids, images and the attention metadata."""
@@ -244,11 +257,18 @@ class ModelRunner:
             total += c.length
             ends.append(total)
         sampling = [i for i, c in enumerate(chunks) if c.samples]
+        logits_rows = [ends[i] - 1 for i in sampling]
+        scoring = []
+        for c, end in zip(chunks, ends):
+            first, last = prompt_positions_to_score(c)
+            if last > first:  # the logits at position p score prompt token p + 1
+                logits_rows += range(end - c.length + first - c.start, end - c.length + last - c.start)
+                scoring.append((c.seq, last - first))
         tables = [[c.block_tables[p] for c in chunks] for p in range(len(self.kv.pools))]
         meta = build_metadata(
             self.kv, self.backend, [c.start for c in chunks], [c.length for c in chunks], tables,
-            [ends[i] - 1 for i in sampling], [[(im.start, im.end) for im in ims] for ims in images], device,
+            logits_rows, [[(im.start, im.end) for im in ims] for ims in images], device,
         )
         input_ids = torch.tensor(ids, dtype=torch.long).to(device, non_blocking=True)
         pixel_values = torch.stack(pixels).to(device) if pixels else None
-        return StepInputs(input_ids, meta, pixel_values, [chunks[i] for i in sampling])
+        return StepInputs(input_ids, meta, pixel_values, [chunks[i] for i in sampling], scoring)

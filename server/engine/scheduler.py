@@ -64,6 +64,8 @@ class Sequence:
     images: list[ImageInput] = field(default_factory=list)
     hashes: list[bytes] = field(default_factory=list)  # digests of the full blocks hashed so far
     matcher: Any = None  # llguidance's matcher of a structured output (server/engine/structured.py)
+    # (logprob, top (id, logprob) list) of prompt token i + 1 given the tokens before it, for i = 0, 1, ...
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
 
     @property
     def token_ids(self) -> list[int]:
@@ -108,6 +110,12 @@ class Sequence:
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
+    @property
+    def scores_prompt(self) -> bool:
+        """This sample computes the request's prompt logprobs (the first of its samples does, for all of them):
+        every prompt position's logits are needed, so it takes no cached prefix."""
+        return self.params.prompt_logprobs is not None and self.index == 0
+
 
 @dataclass
 class ScheduledChunk:
@@ -125,6 +133,9 @@ class ScheduledChunk:
     def samples(self) -> bool:
         """The chunk reaches the sequence's last known token, so its logits give the next token."""
         return self.start + self.length == self.seq.num_tokens
+
+
+PROMPT_SCORING_CHUNK = 256
 
 
 class CapacityError(ValueError):
@@ -192,6 +203,8 @@ class Scheduler:
 
     def _take_prefix(self, seq: Sequence) -> None:
         """Start a new sequence on the longest cached prefix every pool can serve."""
+        if seq.scores_prompt:
+            return
         hashes = seq.block_hashes(seq.num_tokens, self.block_size)
         n_max = min(len(hashes), (seq.num_tokens - 1) // self.block_size)  # compute >= 1 token for logits
         for n in range(n_max, 0, -1):
@@ -205,6 +218,13 @@ class Scheduler:
                     seq.num_computed = n * self.block_size
                     break
 
+    @staticmethod
+    def seq_budget(seq: Sequence, budget: int) -> int:
+        """A prompt being scored is computed in chunks of at most PROMPT_SCORING_CHUNK tokens: each of its
+        positions' logits ([tokens, vocab], float32) is held at once."""
+        return min(budget, PROMPT_SCORING_CHUNK) if seq.scores_prompt and seq.num_computed < len(seq.prompt_ids) \
+            else budget
+
     def schedule(self) -> list[ScheduledChunk]:
         budget = self.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
@@ -212,7 +232,7 @@ class Scheduler:
             if seq.status is not Status.RUNNING or budget == 0:
                 continue
             start = seq.num_computed
-            length = seq.chunk_length(start, budget)
+            length = seq.chunk_length(start, self.seq_budget(seq, budget))
             while not self._fits(seq, start, start + length):
                 victim = max(self.running, key=lambda s: s.arrival)
                 self.preempt(victim)
@@ -232,7 +252,7 @@ class Scheduler:
             if seq.num_computed == 0:
                 self._take_prefix(seq)
             start = seq.num_computed
-            length = seq.chunk_length(start, budget)
+            length = seq.chunk_length(start, self.seq_budget(seq, budget))
             if not self._fits(seq, start, start + length):
                 if start > 0:  # give back the prefix blocks it took; it retries next step
                     self._free(seq)
