@@ -323,3 +323,22 @@ def test_prompt_logprobs_equal_a_whole_forward(model, tokenizer):
         assert [v for _, v in top] == pytest.approx(values.tolist(), abs=1e-4)
     assert outs[-1].num_cached_tokens == 0  # the scored sample computed the whole prompt itself
     assert all_free(engine)
+
+
+@torch.no_grad()
+def test_prompt_logprobs_survive_preemption(model, tokenizer):
+    """Sixteen scored prompts in a cache too small for them all: sequences are preempted and recomputed, and each
+    prompt position is still scored once, as a whole forward scores it (the engine asserts the once)."""
+    ps = prompts(16, seed=3)
+    engine = make_engine(model, tokenizer, global_blocks=48, sliding_blocks=40, max_num_seqs=16,
+                         max_num_batched_tokens=64)
+    done = run(engine, {f"r{i}": (p, SamplingParams(max_tokens=24, prompt_logprobs=0, **GREEDY))
+                        for i, p in enumerate(ps)})
+    assert engine.num_preemptions > 0
+    for i, p in enumerate(ps):
+        logp = torch.log_softmax(model.forward_sequences(torch.tensor([p]))[0].float(), dim=-1)
+        scored = done[f"r{i}"].prompt_logprobs
+        assert [lp for lp, _ in scored] == pytest.approx([logp[j, p[j + 1]].item() for j in range(len(p) - 1)],
+                                                          abs=1e-4), f"request {i}"
+        assert all(top == [] for _, top in scored)
+    assert all_free(engine)

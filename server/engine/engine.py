@@ -306,12 +306,12 @@ class LLMEngine:
         (no penalties, bias or masks), as vLLM's prompt_logprobs."""
         if not out.scoring:
             return
-        seqs = [seq for seq, rows in out.scoring for _ in range(rows)]
-        targets = [seq.prompt_ids[len(seq.prompt_logprobs) + 1 + i] for seq, rows in out.scoring for i in range(rows)]
-        k = max(seq.params.prompt_logprobs for seq, _ in out.scoring)
-        device = out.prompt_logits.device
-        chosen, tops = token_logprobs(out.prompt_logits, torch.tensor(targets, device=device), k)
-        for seq, logprob, top in zip(seqs, chosen, tops):
+        positions = [(seq, p) for seq, first, rows in out.scoring for p in range(first, first + rows)]
+        targets = torch.tensor([seq.prompt_ids[p + 1] for seq, p in positions], device=out.prompt_logits.device)
+        k = max(seq.params.prompt_logprobs for seq, *_ in out.scoring)
+        chosen, tops = token_logprobs(out.prompt_logits, targets, k)
+        for (seq, p), logprob, top in zip(positions, chosen, tops):
+            assert p == len(seq.prompt_logprobs), "prompt positions are scored in order, each once"
             seq.prompt_logprobs.append((logprob, top[:seq.params.prompt_logprobs]))
 
     def detokenize(self, chunks, tokens) -> list[RequestOutput]:

@@ -128,14 +128,14 @@ class StepInputs:
     metadata: AttentionMetadata
     pixel_values: torch.Tensor | None
     sampling: list[ScheduledChunk]  # the chunks that reached their sequence's end, in logits order
-    scoring: list[tuple[Sequence, int]]  # (sequence, rows): after the sampling rows, prompt positions scored
-
+    scoring: list[tuple[Sequence, int, int]]  # (sequence, first position, rows) of the prompt positions scored,
+    # whose logits follow the sampling rows
 
 @dataclass
 class StepOutput:
     sampling: list[ScheduledChunk]
     logits: torch.Tensor  # float32 [len(sampling), vocab]
-    scoring: list[tuple[Sequence, int]] = field(default_factory=list)
+    scoring: list[tuple[Sequence, int, int]] = field(default_factory=list)
     prompt_logits: torch.Tensor | None = None  # [sum of scoring rows, vocab], the model's dtype
 
 
@@ -263,7 +263,7 @@ class ModelRunner:
             first, last = prompt_positions_to_score(c)
             if last > first:  # the logits at position p score prompt token p + 1
                 logits_rows += range(end - c.length + first - c.start, end - c.length + last - c.start)
-                scoring.append((c.seq, last - first))
+                scoring.append((c.seq, first, last - first))
         tables = [[c.block_tables[p] for c in chunks] for p in range(len(self.kv.pools))]
         meta = build_metadata(
             self.kv, self.backend, [c.start for c in chunks], [c.length for c in chunks], tables,
