@@ -19,7 +19,7 @@ import torch
 
 from tpa_model.sampling import StructuredOutput
 
-BITS = torch.arange(32, dtype=torch.int32)
+POWERS = (2 ** torch.arange(8)).to(torch.uint8)  # a byte's bits, lowest first, as llguidance packs its masks
 # JSON as json.dumps writes it: ", " and ": ", no other whitespace (a schema's "x-guidance" may say otherwise).
 # Free whitespace lets a model pad its answer with blank lines until max_tokens, which small models do.
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -44,7 +44,7 @@ class _VocabularyBytes:
 
 
 class StructuredOutputs:
-    """Grammars and matchers for one engine's tokenizer. The vocabulary is read (1-3 s for 262k tokens) the first
+    """Grammars and matchers for one engine's tokenizer. The vocabulary is read (about 3 s for 262k tokens) the first
     time a constraint is compiled; `compile` is safe to call from any thread, so the server does that first
     work outside the engine's loop."""
 
@@ -84,10 +84,13 @@ class StructuredOutputs:
 
     def mask(self, logits: torch.Tensor, rows: list[tuple[int, llguidance.LLMatcher]]) -> None:
         """Set to -inf, in place, each listed row's logits of the tokens its matcher does not allow now."""
-        words = torch.stack([torch.frombuffer(bytearray(m.compute_bitmask()), dtype=torch.int32) for _, m in rows])
-        allowed = ((words.unsqueeze(-1) >> BITS) & 1).bool().flatten(1)[:, :logits.shape[1]]
+        packed = torch.frombuffer(bytearray(b"".join(m.compute_bitmask() for _, m in rows)), dtype=torch.uint8)
+        banned = (packed.view(len(rows), -1, 1) & POWERS).eq(0).flatten(1)[:, :logits.shape[1]].to(logits.device)
+        if [row for row, _ in rows] == list(range(len(logits))):  # every row, in order: no gather and scatter
+            logits.masked_fill_(banned, float("-inf"))
+            return
         index = torch.tensor([row for row, _ in rows], device=logits.device)
-        logits[index] = logits[index].masked_fill(~allowed.to(logits.device), float("-inf"))
+        logits[index] = logits[index].masked_fill(banned, float("-inf"))
 
 
 def consume(matcher: llguidance.LLMatcher, token: int) -> bool:
