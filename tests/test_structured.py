@@ -100,3 +100,22 @@ def test_sentencepiece_vocabulary_bytes_spell_what_decode_writes(demo):
         ids = [ordinary[int(j)] for j in torch.randint(len(ordinary), (12,), generator=gen)]
         text = b"".join(tokens[i] for i in ids).decode()
         assert text.removeprefix(" ") == tokenizer.decode(ids).removeprefix(" ")  # decode drops the dummy prefix
+
+
+def test_benchmark_runs_and_writes_its_table(tmp_path, capsys):
+    """bench/structured.py, smallest cell on SmolLM2's real vocabulary: the table and the JSON it writes (this
+    checks the script, it measures nothing)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench/structured.py"
+    spec = importlib.util.spec_from_file_location("structured_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "structured.json"
+    assert bench.main(["--models", "smollm2", "--batches", "2", "--steps", "3", "--rounds", "1",
+                       "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["model"] == "smollm2" and row["vocab"] == 49152 and row["batch"] == 2
+    assert row["plain_ms"] > 0 and row["constrained_ms"] > 0 and row["first_compile_s"] > 0
+    assert "smollm2" in capsys.readouterr().out
