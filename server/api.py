@@ -536,8 +536,10 @@ class OpenAIServingCompletion(OpenAIServing):
 
     def completion_body(self, finals: list[RequestOutput], prompts: list[CompletionPrompt], req: CompletionRequest,
                         response_id: str, created_at: int) -> dict[str, Any]:
-        choices = [self.completion_choice(p * req.n + c.index, prompt.echo, c, self.echoed_logprobs(final))
-                   for p, (final, prompt) in enumerate(zip(finals, prompts)) for c in final.outputs]
+        choices = []
+        for p, (final, prompt) in enumerate(zip(finals, prompts)):
+            scored = self.echoed_logprobs(final)  # the prompt's part, the same for each of its choices
+            choices += [self.completion_choice(p * req.n + c.index, prompt.echo, c, scored) for c in final.outputs]
         return {"id": response_id, "object": "text_completion", "created": created_at, "model": req.model,
                 "choices": choices, "usage": output_usage(finals)}
 

@@ -23,6 +23,9 @@ from tpa_model.sampling import SamplingParams
 
 from .block_manager import BlockManager, block_digest
 
+# A prompt whose tokens are scored (prompt logprobs) is computed in chunks of at most this many tokens: the
+# logits of each of a chunk's positions ([tokens, vocab], float32) are held at once.
+PROMPT_SCORING_CHUNK = 256
 
 class Status(enum.Enum):
     WAITING = "waiting"
@@ -135,9 +138,6 @@ class ScheduledChunk:
         return self.start + self.length == self.seq.num_tokens
 
 
-PROMPT_SCORING_CHUNK = 256
-
-
 class CapacityError(ValueError):
     """A request that can never fit in the cache, however empty."""
 
@@ -220,10 +220,10 @@ class Scheduler:
 
     @staticmethod
     def seq_budget(seq: Sequence, budget: int) -> int:
-        """A prompt being scored is computed in chunks of at most PROMPT_SCORING_CHUNK tokens: each of its
-        positions' logits ([tokens, vocab], float32) is held at once."""
-        return min(budget, PROMPT_SCORING_CHUNK) if seq.scores_prompt and seq.num_computed < len(seq.prompt_ids) \
-            else budget
+        """The tokens `seq` may compute this step, of the step's `budget`."""
+        if seq.scores_prompt and seq.num_computed < len(seq.prompt_ids):
+            return min(budget, PROMPT_SCORING_CHUNK)
+        return budget
 
     def schedule(self) -> list[ScheduledChunk]:
         budget = self.max_num_batched_tokens

@@ -86,11 +86,11 @@ class StructuredOutputs:
         """Set to -inf, in place, each listed row's logits of the tokens its matcher does not allow now."""
         packed = torch.frombuffer(bytearray(b"".join(m.compute_bitmask() for _, m in rows)), dtype=torch.uint8)
         banned = (packed.view(len(rows), -1, 1) & POWERS).eq(0).flatten(1)[:, :logits.shape[1]].to(logits.device)
-        if [row for row, _ in rows] == list(range(len(logits))):  # every row, in order: no gather and scatter
+        index = [row for row, _ in rows]
+        if index == list(range(len(logits))):  # every row, in order: no gather and scatter
             logits.masked_fill_(banned, float("-inf"))
-            return
-        index = torch.tensor([row for row, _ in rows], device=logits.device)
-        logits[index] = logits[index].masked_fill(banned, float("-inf"))
+        else:
+            logits[index] = logits[index].masked_fill(banned, float("-inf"))
 
 
 def consume(matcher: llguidance.LLMatcher, token: int) -> bool:
