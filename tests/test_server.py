@@ -203,6 +203,23 @@ def test_structured_outputs_through_the_sdk(client, live):
     assert live.idle()
 
 
+def test_sdk_parse_with_a_pydantic_model(client):
+    """The SDK's chat.completions.parse turns a pydantic model into a strict json_schema response_format and
+    parses the answer back into the model: the constraint makes that work even for random weights."""
+    from pydantic import BaseModel, Field
+
+    class Answer(BaseModel):  # bounded, so that random weights finish it within max_tokens
+        city: str = Field(max_length=12)
+        population: int = Field(ge=0, le=10**9)
+        capital: bool
+
+    r = client.chat.completions.parse(model=MODEL, messages=[{"role": "user", "content": "A city?"}],
+                                      response_format=Answer, max_tokens=80, seed=4)
+    parsed = r.choices[0].message.parsed
+    assert isinstance(parsed, Answer) and r.choices[0].finish_reason == "stop"
+    assert len(parsed.city) <= 12 and 0 <= parsed.population <= 10**9
+
+
 @pytest.mark.parametrize("bias,match", [
     ({"seven": 1}, "logit_bias keys must be token ids in decimal digits, got 'seven'"),
     ({"-3": 1}, "logit_bias keys must be token ids"),
