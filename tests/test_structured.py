@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 
 import pytest
 import torch
@@ -83,6 +84,15 @@ def test_a_constraint_that_cannot_compile_is_refused_before_anything_runs(demo):
     assert not engine.requests and not engine.has_unfinished()
 
 
+def test_without_llguidance_the_engine_runs_and_refuses_only_constraints(demo, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llguidance", None)  # import llguidance fails from here on
+    path, tokenizer = demo
+    engine = LLMEngine(load_model(path), tokenizer, EngineConfig(max_model_len=64, cache_memory_gib=0.01))
+    with pytest.raises(StructuredOutputError, match=r"need the llguidance package \(pip install llguidance\)"):
+        engine.add_request("bad", [2, 5], SamplingParams(structured=StructuredOutput(regex="a+")))
+    assert run(engine, {"plain": SamplingParams(max_tokens=3, temperature=0)}, [2, 5])["plain"][0].token_ids
+
+
 def test_sentencepiece_vocabulary_bytes_spell_what_decode_writes(demo):
     _, tokenizer = demo
     tokens, special = tokenizer.token_bytes()
@@ -119,3 +129,33 @@ def test_benchmark_runs_and_writes_its_table(tmp_path, capsys):
     assert row["model"] == "smollm2" and row["vocab"] == 49152 and row["batch"] == 2
     assert row["plain_ms"] > 0 and row["constrained_ms"] > 0 and row["first_compile_s"] > 0
     assert "smollm2" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_constraints_and_prompt_scores_on_cuda(demo):
+    """On the GPU (bf16 weights and cache, the engine's CUDA defaults): constrained samples are valid, and a
+    scored prompt has the logprobs of one whole bf16 forward, within bf16's rounding."""
+    pytest.importorskip("llguidance", reason="llguidance is not installed on this GPU machine")
+    path, tokenizer = demo
+    model = load_model(path, dtype=torch.bfloat16, device="cuda")
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_model_len=256, cache_memory_gib=0.05))
+    prompt = tokenizer.encode("Tell me about caches. " * 4, add_bos=True)
+    schema = StructuredOutput(json_schema=json.dumps(SCHEMA))
+    requests = {
+        "schema": SamplingParams(n=3, max_tokens=60, seed=5, structured=schema),
+        "regex": SamplingParams(n=2, max_tokens=60, seed=6, structured=StructuredOutput(regex=REGEX)),
+        "scored": SamplingParams(max_tokens=4, temperature=0, prompt_logprobs=2),
+    }
+    for request_id, params in requests.items():
+        engine.add_request(request_id, prompt, params)
+    done = {}
+    while engine.has_unfinished():
+        done |= {out.request_id: out for out in engine.step() if out.finished}
+    for out in done["schema"].outputs:
+        assert set(json.loads(out.text)) == {"ok", "n", "tag"}, out.text
+    assert all(re.fullmatch(REGEX, out.text) for out in done["regex"].outputs)
+    with torch.no_grad():
+        logp = torch.log_softmax(model.forward_sequences(torch.tensor([prompt], device="cuda"))[0].float(), dim=-1)
+    expected = [logp[i, prompt[i + 1]].item() for i in range(len(prompt) - 1)]
+    assert [lp for lp, _ in done["scored"].prompt_logprobs] == pytest.approx(expected, abs=0.1)

@@ -3,7 +3,8 @@
 # (nothing is installed: the repository is put on PYTHONPATH). Each part has its own time limit, so the whole
 # run ends within about 9 minutes and whatever finished is kept:
 #   1. the gpu-marked tests (kernels against the reference at real sizes, graphs captured and replayed, cache
-#      sizing from the warm-up); the real-model tests need the GGUF wheels installed and are left out here
+#      sizing from the warm-up, structured outputs and prompt scoring on the GPU); the real-model tests need
+#      the GGUF files installed and are left out here
 #   2. decode attention per layer at the 12b and 27b head shapes (bench/gpu/decode_attention.py)
 #   3. end to end on the random 12b-shaped model at 8k and 32k (bench/gpu/serving_throughput.py)
 # Usage, from the repository root: bash bench/gpu/device_check.sh [RESULTS_DIR]   (default: $OUT, else
@@ -19,6 +20,7 @@ EOF
 
 timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu -k "not real_models" \
     tests/test_triton_backend.py tests/test_triton_prefill.py tests/test_cuda_graphs.py tests/test_cache_sizing.py \
+    tests/test_structured.py \
     2>&1 | tee "$results/gpu_tests.log"
 
 timeout 120 python3 bench/gpu/decode_attention.py --shapes 12b 27b --batches 1 32 128 \

@@ -13,11 +13,15 @@ import functools
 import json
 import threading
 from collections.abc import Iterable
+from types import ModuleType
+from typing import TYPE_CHECKING
 
-import llguidance
 import torch
 
 from tpa_model.sampling import StructuredOutput
+
+if TYPE_CHECKING:
+    import llguidance
 
 POWERS = (2 ** torch.arange(8)).to(torch.uint8)  # a byte's bits, lowest first, as llguidance packs its masks
 # JSON as json.dumps writes it: ", " and ": ", no other whitespace (a schema's "x-guidance" may say otherwise).
@@ -27,6 +31,16 @@ JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separat
 
 class StructuredOutputError(ValueError):
     """The constraint cannot be compiled: an invalid JSON Schema or regular expression."""
+
+
+def _llguidance() -> ModuleType:
+    """The grammar engine, imported on first use: an engine that is never asked for structured output (or a
+    machine without the package) runs without it."""
+    try:
+        import llguidance
+    except ImportError as e:
+        raise StructuredOutputError("structured outputs need the llguidance package (pip install llguidance)") from e
+    return llguidance
 
 
 class _VocabularyBytes:
@@ -54,6 +68,7 @@ class StructuredOutputs:
         self._ll_tokenizer: llguidance.LLTokenizer | None = None
 
     def ll_tokenizer(self) -> llguidance.LLTokenizer:
+        llguidance = _llguidance()
         with self._lock:
             if self._ll_tokenizer is None:
                 backend = getattr(self.tokenizer, "backend", None)  # a `tokenizers.Tokenizer`
@@ -65,6 +80,7 @@ class StructuredOutputs:
     @functools.lru_cache(maxsize=64)  # noqa: B019 (one instance per engine, kept for its life)
     def compile(self, spec: StructuredOutput) -> str:
         """The llguidance grammar of `spec`; StructuredOutputError saying what is wrong with it."""
+        llguidance = _llguidance()
         try:
             if spec.json_schema is not None:
                 grammar = llguidance.LLMatcher.grammar_from_json_schema(spec.json_schema, defaults=JSON_STYLE)
@@ -80,7 +96,7 @@ class StructuredOutputs:
         return grammar
 
     def matcher(self, spec: StructuredOutput) -> llguidance.LLMatcher:
-        return llguidance.LLMatcher(self.ll_tokenizer(), self.compile(spec), log_level=0)
+        return _llguidance().LLMatcher(self.ll_tokenizer(), self.compile(spec), log_level=0)
 
     def mask(self, logits: torch.Tensor, rows: list[tuple[int, llguidance.LLMatcher]]) -> None:
         """Set to -inf, in place, each listed row's logits of the tokens its matcher does not allow now."""
