@@ -266,6 +266,9 @@ class OpenAIServing:
                 raise APIError(400, f"the prompt has {prompt_len} tokens, which fills the maximum model length "
                                     f"of {limit}", param=req.prompt_param)
             return limit - prompt_len
+        if max_tokens < req.fewest_tokens():
+            raise APIError(400, f"{param} must be at least {req.fewest_tokens()}, got {max_tokens} (0 only with "
+                                "echo on /v1/completions: the prompt alone, scored with logprobs)", param=param)
         if prompt_len + max_tokens > limit:
             raise APIError(400, f"the prompt ({prompt_len} tokens) plus {param} ({max_tokens}) is "
                                 f"{prompt_len + max_tokens} tokens, more than the maximum model length of "

@@ -253,6 +253,10 @@ class SamplingRequest(BaseModel):
         """SamplingParams.prompt_logprobs: the same for the prompt's tokens; none by default."""
         return None
 
+    def fewest_tokens(self) -> int:
+        """The least max_tokens may be."""
+        return 1
+
     def text_lengths(self) -> list[int]:
         """Characters of each text the request asks to tokenize, for the limit checked before tokenizing."""
         raise NotImplementedError
@@ -291,7 +295,7 @@ class CompletionRequest(SamplingRequest):
     prompt_param: ClassVar[str] = "prompt"
     prompt: str | list[str] | list[JSONInt] | list[list[JSONInt]] = Field(json_schema_extra=prompt_schema)
     # OpenAI's default for this endpoint; null means up to the context length
-    max_tokens: JSONInt | None = Field(16, json_schema_extra=bounds(minimum=1))
+    max_tokens: JSONInt | None = Field(16, json_schema_extra=bounds(minimum=0))  # 0: only with echo
     logprobs: JSONInt | None = Field(None, json_schema_extra=bounds(minimum=0, maximum=MAX_LOGPROBS))
     echo: bool = False
     best_of: JSONInt | None = None
@@ -320,6 +324,10 @@ class CompletionRequest(SamplingRequest):
     def prompt_logprob_count(self) -> int | None:
         """echo with logprobs shows the prompt's tokens with their logprobs too."""
         return self.logprobs if self.echo else None
+
+    def fewest_tokens(self) -> int:
+        """0 with echo: the prompt alone, as scoring clients ask for it."""
+        return 0 if self.echo else 1
 
     def text_lengths(self) -> list[int]:
         """Each prompt of a batch is tokenized on its own."""

@@ -230,6 +230,21 @@ def test_echo_with_logprobs_scores_the_prompt(live, client):
     assert live.idle()
 
 
+def test_max_tokens_0_with_echo_returns_the_scored_prompt_alone(live, client):
+    """The scoring request of clients that measure loglikelihoods: the prompt back with its logprobs, no token
+    generated; streamed too. Without echo, 0 is refused (see test_bad_requests_are_400)."""
+    r = complete(client, echo=True, logprobs=1, max_tokens=0)
+    choice = r.choices[0]
+    assert choice.text == PROMPT and choice.finish_reason == "length" and r.usage.completion_tokens == 0
+    assert len(choice.logprobs.tokens) == r.usage.prompt_tokens and choice.logprobs.token_logprobs[0] is None
+    assert all(lp <= 0 for lp in choice.logprobs.token_logprobs[1:])
+    streamed = list(complete(client, echo=True, logprobs=1, max_tokens=0, stream=True))
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == PROMPT
+    assert streamed[0].choices[0].logprobs.token_logprobs == choice.logprobs.token_logprobs
+    assert streamed[-1].choices[0].finish_reason == "length"
+    assert live.idle()
+
+
 def test_unknown_fields_are_ignored(live):
     r = httpx.post(live.url + "/v1/completions", timeout=30,
                    json={"model": MODEL, "prompt": "hi", "max_tokens": 2, "no_such_option": {"x": 1}})

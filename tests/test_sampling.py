@@ -330,7 +330,7 @@ def test_single_stop_string_becomes_a_list():
         ("frequency_penalty", -3.0, "-3.0"),
         ("repetition_penalty", 0.0, "0.0"),
         ("seed", 2**64, str(2**64)),
-        ("max_tokens", 0, "0"),
+        ("max_tokens", -1, "-1"),
         ("logprobs", 21, "21"),
         ("logprobs", -1, "-1"),
         ("stop", ["a", "b", "c", "d", "e"], "5"),

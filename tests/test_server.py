@@ -244,6 +244,7 @@ def test_bad_logit_bias_is_400_naming_it(client, live, bias, match):
      "response_format and guided_regex both constrain the output"),
     (dict(extra_body={"structured_outputs": {"regex": "a", "choice": ["a"]}}), "exactly one of json, regex"),
     (dict(n=0), "n"),
+    (dict(max_tokens=0), "max_tokens must be at least 1, got 0"),
     (dict(n=1000), "n must be at most 128"),
 ])
 def test_bad_requests_are_400(client, live, kw, match):

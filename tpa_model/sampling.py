@@ -65,7 +65,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     seed: int | None = None
-    max_tokens: int | None = 16  # None = up to the model length
+    max_tokens: int | None = 16  # None = up to the model length; 0 = the prompt only (to score it)
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
@@ -105,7 +105,7 @@ class SamplingParams:
         if self.seed is not None:
             _require(-(2**63) <= self.seed < 2**63, "seed", f"seed must be a 64-bit signed integer, got {self.seed}")
         if self.max_tokens is not None:
-            _require(self.max_tokens >= 1, "max_tokens", f"max_tokens must be at least 1, got {self.max_tokens}")
+            _require(self.max_tokens >= 0, "max_tokens", f"max_tokens must be at least 0, got {self.max_tokens}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None:

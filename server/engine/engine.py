@@ -184,7 +184,7 @@ class LLMEngine:
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(f"the prompt ({len(prompt_ids)} tokens) fills the maximum model length of "
                              f"{self.max_model_len} tokens")
-        max_tokens = params.max_tokens or self.max_model_len - len(prompt_ids)
+        max_tokens = self.max_model_len - len(prompt_ids) if params.max_tokens is None else params.max_tokens
         if len(prompt_ids) + max_tokens > self.max_model_len:
             raise ValueError(
                 f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds the maximum "
@@ -333,6 +333,9 @@ class LLMEngine:
         return outputs + [self._output(rid, deltas) for rid, deltas in progressed.items() if rid not in failed]
 
     def _append(self, seq: Sequence, token: int, logprob, top) -> str:
+        if seq.params.max_tokens == 0:  # the prompt only: the token its last position predicts is not taken
+            self.scheduler.finish(seq, "length")
+            return ""
         complete = seq.matcher is not None and consume(seq.matcher, token)
         seq.output_ids.append(token)
         if logprob is not None:
