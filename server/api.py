@@ -51,10 +51,14 @@ from .protocol import (
     CompletionRequest,
     CompletionResponse,
     ContentPart,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     Health,
     ModelList,
     SamplingRequest,
+    TokenizeRequest,
+    TokenizeResponse,
     joined_logprobs,
     legacy_logprobs,
     legacy_prompt_logprobs,
@@ -213,9 +217,9 @@ class OpenAIServing:
             raise APIError(400, f"the {req.prompt_param} hold {longest} characters, more than the limit of "
                                 f"{limit} (--max-text-chars)", param=req.prompt_param, code="text_too_long")
 
-    def check_model(self, req: SamplingRequest) -> None:
-        if req.model != self.settings.model_name:
-            raise APIError(404, f"the model {req.model!r} does not exist; this server serves "
+    def check_model(self, model: str) -> None:
+        if model != self.settings.model_name:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves "
                                 f"{self.settings.model_name!r}", param="model", code="model_not_found")
 
     async def structured_output(self, req: SamplingRequest) -> StructuredOutput | None:
@@ -415,7 +419,7 @@ class OpenAIServingChat(OpenAIServing):
         """Fields we would otherwise silently ignore are refused, so a client never trusts an unmet option."""
         self.check_text(req)
         check_unsupported(req, UNSUPPORTED_FIELDS)
-        self.check_model(req)
+        self.check_model(req.model)
 
     async def build_prompt(self, req: ChatCompletionRequest, request: Request) -> PromptInputs:
         """Token ids and pixels of the chat; the engine expands each image into its soft tokens. In a worker
@@ -426,6 +430,28 @@ class OpenAIServingChat(OpenAIServing):
             return await asyncio.to_thread(self.engine.build_inputs, messages, images)
         except ChatTemplateError as e:
             raise APIError(400, str(e), param="messages") from e
+
+    async def tokenize(self, req: TokenizeRequest, request: Request) -> dict[str, Any]:
+        """A prompt's ids as /v1/completions makes them, or a chat's as this endpoint does."""
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give exactly one of prompt and messages", param="prompt")
+        if req.messages is not None:
+            chat = ChatCompletionRequest(model=req.model, messages=req.messages)
+            self.check_request(chat)
+            ids = (await self.build_prompt(chat, request)).token_ids
+        else:
+            text = CompletionRequest(model=req.model, prompt=req.prompt)
+            self.check_text(text)
+            self.check_model(text.model)
+            ids = await asyncio.to_thread(self.tokenizer.encode, req.prompt, req.add_special_tokens)
+        return {"count": len(ids), "max_model_len": self.settings.max_model_len, "tokens": ids}
+
+    def detokenize(self, req: DetokenizeRequest) -> dict[str, Any]:
+        self.check_model(req.model)
+        try:
+            return {"prompt": self.tokenizer.decode(req.tokens, skip_special_tokens=False)}
+        except ValueError as e:
+            raise APIError(400, str(e), param="tokens") from e
 
     async def load_images(self, urls: list[str], request: Request) -> list[Image.Image]:
         """Checked against the model first, so a text-only model never downloads anything."""
@@ -502,7 +528,7 @@ class OpenAIServingCompletion(OpenAIServing):
         if count > 1 and count * req.n > MAX_N:
             raise APIError(400, f"{count} prompts with n={req.n} make {count * req.n} sequences, more than the "
                                 f"{MAX_N} one request may have", param="prompt")
-        self.check_model(req)
+        self.check_model(req.model)
 
     def build_prompts(self, req: CompletionRequest) -> list[CompletionPrompt]:
         return [self.build_prompt(p, req) for p in req.prompts()]
@@ -829,6 +855,16 @@ def add_routes(app: FastAPI, serving: OpenAIServingChat, completion: OpenAIServi
     @app.post("/v1/completions", responses={**generation_ok(CompletionResponse), **GENERATION_ERRORS})
     async def completions(req: CompletionRequest, request: Request):
         return await completion.create_completion(req, request)
+
+    @app.post("/tokenize", responses={200: {"model": TokenizeResponse, "description": "the token ids"},
+                                      **error_responses(400, 401, 404, 408, 413)})
+    async def tokenize(req: TokenizeRequest, request: Request):
+        return await serving.tokenize(req, request)
+
+    @app.post("/detokenize", responses={200: {"model": DetokenizeResponse, "description": "the text"},
+                                        **error_responses(400, 401, 404, 408, 413)})
+    async def detokenize(req: DetokenizeRequest):
+        return serving.detokenize(req)
 
 
 def add_error_handlers(app: FastAPI) -> None:

@@ -460,6 +460,35 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class TokenizeRequest(BaseModel):
+    """POST /tokenize (as vLLM has it): exactly one of a text prompt, tokenized as /v1/completions does, and a
+    chat, rendered as /v1/chat/completions renders it (with the generation prompt, images as their soft tokens)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    model: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool = True  # a prompt's bos, where the model expects one
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize: token ids back to text, special tokens written out."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    model: str
+    tokens: list[JSONInt] = Field(json_schema_extra=bounds(minimum=0))
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
 class Health(BaseModel):
     status: Literal["ok", "dead"]
 

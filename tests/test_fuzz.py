@@ -3,11 +3,12 @@ every check schemathesis has, including the conformance of responses (status cod
 content types) and the acceptance of valid and refusal of invalid data; zero failures.
 
 Generated bodies would mostly stop at checks the document cannot express: the served model's name, the chat
-template's role order, the length of prompt plus max_tokens against the model's, token ids (of prompts and of
-logit_bias) below the vocabulary size and other than the image placeholder in prompts, fields that must agree
-(`best_of` and `n`), which output constraints compile. `reachable` mends those in the cases schemathesis means
-to be valid, and keeps them small (max_tokens, n), so that they are tokenized and generate a few tokens in the
-engine. Cases meant to be invalid are sent as generated and must be refused.
+template's role order, the length of prompt plus max_tokens against the model's, token ids (of prompts, of
+logit_bias and of /detokenize) below the vocabulary size and other than the image placeholder in prompts,
+fields that must agree (`best_of` and `n`, /tokenize's prompt or messages), which output constraints compile.
+`reachable` mends those in the cases schemathesis means to be valid, and keeps them small (max_tokens, n), so
+that they are tokenized and generate a few tokens in the engine. Cases meant to be invalid are sent as
+generated and must be refused.
 """
 
 import base64
@@ -76,6 +77,13 @@ STRUCTURED_FIELDS = ("response_format", "structured_outputs", "guided_json", "gu
 
 def reachable(body: dict, path: str, vocab: int, image_id: int | None) -> dict:
     """A valid body mended where the document cannot say what the server needs (see the module docstring)."""
+    if path == "/detokenize":
+        return {**body, "model": MODEL, "tokens": [int(t) % vocab for t in body["tokens"]]}
+    if path == "/tokenize":  # exactly one of prompt and messages
+        body = {**body, "model": MODEL}
+        if body.get("messages"):
+            return {**body, "prompt": None, "messages": chat_messages(body["messages"])}
+        return {**body, "prompt": body.get("prompt") or "hi", "messages": None}
     body = {k: v for k, v in body.items() if k not in ("tools", "tool_choice", "functions", "function_call",
                                                        "suffix", "audio", "modalities", "prediction",
                                                        *STRUCTURED_FIELDS)}

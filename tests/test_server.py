@@ -255,6 +255,31 @@ def test_bad_requests_are_400(client, live, kw, match):
     assert live.idle()
 
 
+def test_tokenize_and_detokenize(live, client):
+    """vLLM's /tokenize and /detokenize: a prompt's ids as /v1/completions makes them, a chat's as many as the
+    chat endpoint counts, and ids back to text with special tokens written out."""
+    tokenizer = live.engine.engine.tokenizer
+    text = "Tell me about caches."
+
+    def post(path, **body):
+        return httpx.post(live.url + path, json={"model": MODEL, **body}, timeout=30)
+
+    r = post("/tokenize", prompt=text).json()
+    assert r["tokens"] == tokenizer.encode(text, add_bos=True) and r["count"] == len(r["tokens"])
+    assert r["max_model_len"] == client.models.list().data[0].max_model_len
+    assert post("/tokenize", prompt=text, add_special_tokens=False).json()["tokens"] == tokenizer.encode(text)
+    messages = [{"role": "user", "content": text}]
+    counted = post("/tokenize", messages=messages).json()["count"]
+    assert counted == chat(client, text, max_tokens=1).usage.prompt_tokens
+    assert post("/detokenize", tokens=r["tokens"]).json() == {"prompt": "<bos>" + text}
+    for path, body, status, param in [("/tokenize", {"prompt": text, "messages": messages}, 400, "prompt"),
+                                      ("/tokenize", {}, 400, "prompt"),
+                                      ("/detokenize", {"tokens": [1, 10**7]}, 400, "tokens"),
+                                      ("/tokenize", {"prompt": text, "model": "other"}, 404, "model")]:
+        r = post(path, **body)
+        assert r.status_code == status and r.json()["error"]["param"] == param, (path, body, r.text)
+
+
 def test_validation_error_names_the_field(live):
     r = httpx.post(live.url + "/v1/chat/completions", json={"model": MODEL, "messages": "nope"})
     assert r.status_code == 400
