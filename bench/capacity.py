@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from tpa_model.capacity import sessions_in_memory, standard_layout, tpa_layout
-from tpa_model.config import preset
+from tpa_model.cache.capacity import sessions_in_memory, standard_layout, tpa_layout
+from tpa_model.model.config import preset
 
 RANKS = [(1, 1), (2, 2), (4, 4)]
 
@@ -31,9 +31,9 @@ def measure_engine(memory_gib: float, session_len: int) -> list[dict]:
     from common import bench_model_dir
 
     from server.engine.engine import EngineConfig, LLMEngine
-    from tpa_model.loader import load_model
+    from tpa_model.checkpoints.loader import load_model
     from tpa_model.sampling import SamplingParams
-    from tpa_model.tokenizer import GemmaTokenizer
+    from tpa_model.tokenizers.gemma_tokenizer import GemmaTokenizer
 
     path = bench_model_dir()
     rows = []

@@ -26,7 +26,7 @@ def bench_model_dir(root: Path = Path("bench/.model"), seed: int = 0) -> Path:
     """Build (once) the random checkpoint and return its directory."""
     import transformers
 
-    from tpa_model.demo import demo_model_dir
+    from tpa_model.checkpoints.demo import demo_model_dir
 
     path = root / f"gemma3-bench-s{seed}"
     if (path / "config.json").is_file():
@@ -76,6 +76,6 @@ def calibration_ids(tokenizer, tokens: int) -> torch.Tensor:
 
 def checkpoint_config(checkpoint: Path):
     """A TPA checkpoint's text config (its ranks per layer among it), read without its weights."""
-    from tpa_model.checkpoint import parse_text_config, read_config
+    from tpa_model.checkpoints.safetensors_files import parse_text_config, read_config
 
     return parse_text_config(checkpoint, read_config(checkpoint))

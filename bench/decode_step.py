@@ -24,10 +24,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import alternate, bench_model_dir, median, reference_model, timed  # noqa: E402
 
-from tpa_model.backends import default_backend  # noqa: E402
-from tpa_model.kv_cache import KVCache, group_pools, layer_cache_specs, max_blocks_per_seq  # noqa: E402
-from tpa_model.loader import load_model  # noqa: E402
-from tpa_model.metadata import build_metadata  # noqa: E402
+from tpa_model.cache.backends import default_backend  # noqa: E402
+from tpa_model.cache.kv_cache import KVCache, group_pools, layer_cache_specs, max_blocks_per_seq  # noqa: E402
+from tpa_model.cache.metadata import build_metadata  # noqa: E402
+from tpa_model.checkpoints.loader import load_model  # noqa: E402
 
 BLOCK = 16
 
@@ -66,9 +66,9 @@ class OurStep:
 def engine_host_step(config, tokenizer_dir: Path, batch: int, context: int, rounds: int) -> float:
     """Seconds of host work per decode step of the real engine at this batch and context."""
     from server.engine.engine import EngineConfig, LLMEngine
-    from tpa_model.model import GemmaTPAModel
+    from tpa_model.model.decoder import GemmaTPAModel
     from tpa_model.sampling import SamplingParams
-    from tpa_model.tokenizer import GemmaTokenizer
+    from tpa_model.tokenizers.gemma_tokenizer import GemmaTokenizer
 
     with torch.device("meta"):
         model = GemmaTPAModel(config)
@@ -123,7 +123,7 @@ class ReferenceStep:
 
 def bench_model(path: Path, rank: str):
     """'exact', 'R' (a head basis of rank R) or 'svdR' (per-token SVD factors of rank R)."""
-    from tpa_model.convert import to_per_token_svd
+    from tpa_model.compression.convert import to_per_token_svd
 
     if rank == "exact":
         return load_model(path)

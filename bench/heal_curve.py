@@ -21,16 +21,16 @@ from pathlib import Path
 import torch
 from common import calibration_ids, checkpoint_config
 
-from tpa_model import texts
+from tpa_model.checkpoints.loader import load_model, save_model
+from tpa_model.checkpoints.named_models import resolve_model
+from tpa_model.checkpoints.provenance import healing_fields, record
 from tpa_model.cli import token_count
-from tpa_model.convert import make_heads_contextual, reduce_rank
-from tpa_model.heal import heal
-from tpa_model.hf_tokenizer import load_tokenizer
-from tpa_model.loader import load_model, save_model
-from tpa_model.models import resolve_model
-from tpa_model.provenance import healing_fields, record
-from tpa_model.quality import eval_sequences, next_token_metrics, vocab_limit
-from tpa_model.rank_allocation import cache_fraction
+from tpa_model.compression.convert import make_heads_contextual, reduce_rank
+from tpa_model.compression.heal import heal
+from tpa_model.compression.rank_allocation import cache_fraction
+from tpa_model.evaluation import texts
+from tpa_model.evaluation.quality import eval_sequences, next_token_metrics, vocab_limit
+from tpa_model.tokenizers.hf_tokenizer import load_tokenizer
 
 
 def student_ranks(args) -> tuple[list[int] | int, list[int] | int]:

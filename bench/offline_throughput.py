@@ -27,7 +27,7 @@ from common import alternate, bench_model_dir, median, reference_model, timed  #
 
 from server.engine.engine import EngineConfig  # noqa: E402
 from server.engine.llm import LLM  # noqa: E402
-from tpa_model.models import resolve_model  # noqa: E402
+from tpa_model.checkpoints.named_models import resolve_model  # noqa: E402
 from tpa_model.sampling import SamplingParams  # noqa: E402
 
 

@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 from common import calibration_ids, checkpoint_config
 
-from tpa_model.convert import reduce_rank, to_per_token_svd
-from tpa_model.hf_tokenizer import load_tokenizer
-from tpa_model.loader import load_model
-from tpa_model.models import resolve_model
-from tpa_model.quality import QualityReport, evaluate, frontier_points, plot_frontier
-from tpa_model.rank_allocation import cache_fraction
+from tpa_model.checkpoints.loader import load_model
+from tpa_model.checkpoints.named_models import resolve_model
+from tpa_model.compression.convert import reduce_rank, to_per_token_svd
+from tpa_model.compression.rank_allocation import cache_fraction
+from tpa_model.evaluation.quality import QualityReport, evaluate, frontier_points, plot_frontier
+from tpa_model.tokenizers.hf_tokenizer import load_tokenizer
 
 UNIFORM = {0.70: (2, 2), 0.52: (2, 1), 0.35: (1, 1)}  # the (k, v) ranks that store these fractions at G=3, d=64
 HARNESS = dict(eval_tokens=2048, seq_len=512, chat_prompts=4, greedy_tokens=32, passkey_lengths=(512, 1024),

@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import alternate, median  # noqa: E402
 
 from server.engine.structured import StructuredOutputs, consume  # noqa: E402
-from tpa_model.hf_tokenizer import load_tokenizer  # noqa: E402
-from tpa_model.models import resolve_model  # noqa: E402
+from tpa_model.checkpoints.named_models import resolve_model  # noqa: E402
 from tpa_model.sampling import SamplingParams, StructuredOutput, sample  # noqa: E402
+from tpa_model.tokenizers.hf_tokenizer import load_tokenizer  # noqa: E402
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
                                            "tags": {"type": "array", "items": {"type": "string"}}},

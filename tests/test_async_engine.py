@@ -10,10 +10,10 @@ from test_server import fail_after
 from server.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 from server.engine.engine import EngineConfig, LLMEngine
 from server.engine.scheduler import CapacityError
-from tpa_model.demo import build_demo
-from tpa_model.loader import load_model
+from tpa_model.checkpoints.demo import build_demo
+from tpa_model.checkpoints.loader import load_model
 from tpa_model.sampling import ParamError, SamplingParams
-from tpa_model.tokenizer import GemmaTokenizer
+from tpa_model.tokenizers.gemma_tokenizer import GemmaTokenizer
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,10 @@ size, windows, an image span) and compares with dense attention over the materia
 import pytest
 import torch
 
-from tpa_model.backends import attend
-from tpa_model.backends.reference import ReferenceBackend
-from tpa_model.kv_cache import CacheSpec, KVCache
-from tpa_model.metadata import build_metadata
+from tpa_model.cache.backends import attend
+from tpa_model.cache.backends.reference import ReferenceBackend
+from tpa_model.cache.kv_cache import CacheSpec, KVCache
+from tpa_model.cache.metadata import build_metadata
 
 G, D_HEAD, H, BLOCK = 4, 16, 8, 4
 SCALE = 0.3

@@ -18,11 +18,11 @@ from server.engine.model_runner import (
     warmup_cache_bytes,
     warmup_step,
 )
-from tpa_model.backends import make_backend
-from tpa_model.capacity import tpa_layout
-from tpa_model.demo import build_demo
-from tpa_model.loader import load_model
-from tpa_model.tokenizer import GemmaTokenizer
+from tpa_model.cache.backends import make_backend
+from tpa_model.cache.capacity import tpa_layout
+from tpa_model.checkpoints.demo import build_demo
+from tpa_model.checkpoints.loader import load_model
+from tpa_model.tokenizers.gemma_tokenizer import GemmaTokenizer
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")

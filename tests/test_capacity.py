@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from server.engine.engine import EngineConfig, LLMEngine
-from tpa_model.capacity import sessions_in_memory, standard_layout, tpa_layout
-from tpa_model.config import GLOBAL, preset
-from tpa_model.demo import build_demo
-from tpa_model.kv_cache import ContiguousKVCache, max_blocks_per_seq
-from tpa_model.loader import load_model
+from tpa_model.cache.capacity import sessions_in_memory, standard_layout, tpa_layout
+from tpa_model.cache.kv_cache import ContiguousKVCache, max_blocks_per_seq
+from tpa_model.checkpoints.demo import build_demo
+from tpa_model.checkpoints.loader import load_model
+from tpa_model.model.config import GLOBAL, preset
 from tpa_model.sampling import SamplingParams
-from tpa_model.tokenizer import GemmaTokenizer
+from tpa_model.tokenizers.gemma_tokenizer import GemmaTokenizer
 
 
 def test_block_bytes_agree_with_the_contiguous_cache():

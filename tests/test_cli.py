@@ -15,7 +15,7 @@ from tpa_model import load_model
 from tpa_model.cli import convert_main
 from tpa_model.generation import generate
 from tpa_model.sampling import SamplingParams
-from tpa_model.tokenizer import DEMO_CORPUS, GemmaTokenizer, train_sentencepiece
+from tpa_model.tokenizers.gemma_tokenizer import DEMO_CORPUS, GemmaTokenizer, train_sentencepiece
 
 
 @pytest.fixture(scope="module")

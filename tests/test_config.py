@@ -6,7 +6,7 @@ import pytest
 import transformers
 
 from tpa_model import PRESETS, preset, text_config_from_hf
-from tpa_model.config import GLOBAL, SLIDING, ConfigError
+from tpa_model.model.config import GLOBAL, SLIDING, ConfigError
 
 SHAPE_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

@@ -20,10 +20,10 @@ pytest.importorskip("triton", reason="triton is not installed (pip install -e '.
 
 from server.engine.cuda_graphs import graph_batch_sizes  # noqa: E402
 from server.engine.engine import EngineConfig, LLMEngine  # noqa: E402
-from tpa_model.demo import build_demo  # noqa: E402
-from tpa_model.loader import load_model  # noqa: E402
+from tpa_model.checkpoints.demo import build_demo  # noqa: E402
+from tpa_model.checkpoints.loader import load_model  # noqa: E402
 from tpa_model.sampling import SamplingParams  # noqa: E402
-from tpa_model.tokenizer import GemmaTokenizer  # noqa: E402
+from tpa_model.tokenizers.gemma_tokenizer import GemmaTokenizer  # noqa: E402
 
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 # three prompts long enough to slide the demo model's window (16), with different output lengths so that the

@@ -10,7 +10,7 @@ import pytest
 import sentencepiece as spm
 
 from server.engine.detokenizer import IncrementalDetokenizer
-from tpa_model.tokenizer import DEMO_CORPUS, GemmaTokenizer, train_sentencepiece
+from tpa_model.tokenizers.gemma_tokenizer import DEMO_CORPUS, GemmaTokenizer, train_sentencepiece
 
 EXTRA_SENTENCES = [
     "Café, naïve, résumé and déjà vu.",

@@ -5,11 +5,11 @@ import torch
 
 from server.engine.engine import EngineConfig, LLMEngine
 from server.engine.llm import LLM
-from tpa_model.demo import build_demo
+from tpa_model.checkpoints.demo import build_demo
+from tpa_model.checkpoints.loader import load_model
 from tpa_model.generation import generate
-from tpa_model.loader import load_model
 from tpa_model.sampling import SamplingParams
-from tpa_model.tokenizer import GemmaTokenizer
+from tpa_model.tokenizers.gemma_tokenizer import GemmaTokenizer
 
 BLOCK = 4
 
@@ -206,7 +206,7 @@ def test_a_lone_sequence_can_always_finish(model, tokenizer):
 
 
 def image_request(tokenizer, model, text, n_images, seed):
-    from tpa_model.prompts import encode_chat_with_images
+    from tpa_model.tokenizers.prompts import encode_chat_with_images
 
     gen = torch.Generator().manual_seed(seed)
     size = model.vision_config.image_size
@@ -281,8 +281,8 @@ def test_all_global_and_all_sliding_models(demo_dir, tokenizer, layer_type, rank
     """Any layer mix is served: one pool only, global or windowed, either layout, like generate()."""
     import dataclasses
 
-    from tpa_model.demo import init_weights
-    from tpa_model.model import GemmaTPAModel
+    from tpa_model.checkpoints.demo import init_weights
+    from tpa_model.model.decoder import GemmaTPAModel
 
     base = load_model(demo_dir).config
     config = dataclasses.replace(base, layer_types=[layer_type] * base.num_hidden_layers).with_ranks(*ranks)

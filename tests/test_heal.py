@@ -11,9 +11,10 @@ import json
 import pytest
 import torch
 
-from tpa_model import load_model, save_model, texts
-from tpa_model.convert import make_heads_contextual
-from tpa_model.heal import (
+from tpa_model import load_model, save_model
+from tpa_model.checkpoints.named_models import resolve_model
+from tpa_model.compression.convert import make_heads_contextual
+from tpa_model.compression.heal import (
     REPORT_FILE,
     STATE_FILE,
     distillation_kl,
@@ -22,8 +23,8 @@ from tpa_model.heal import (
     trainable_parameters,
     warmup_cosine,
 )
-from tpa_model.hf_tokenizer import load_tokenizer
-from tpa_model.models import resolve_model
+from tpa_model.evaluation import texts
+from tpa_model.tokenizers.hf_tokenizer import load_tokenizer
 
 SEQ, BATCH = 64, 2
 FAST = dict(seq_len=SEQ, batch_size=BATCH, progress=False)

@@ -14,7 +14,7 @@ import transformers  # the reference implementation; a test-only dependency
 from PIL import Image
 from transformers.image_transforms import convert_to_rgb as reference_convert_to_rgb
 
-from tpa_model.image_processing import (
+from tpa_model.model.image_processing import (
     CorruptImageError,
     EmptyImageError,
     ImageError,

@@ -25,11 +25,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-import server.images as images
-from server.images import ImageLimits, ImageLoader, decode_images, is_public_address, parse_url
-from server.protocol import APIError
+from server.openai import images
+from server.openai.images import ImageLimits, ImageLoader, decode_images, is_public_address, parse_url
+from server.openai.protocol import APIError
 from tests.test_server import MODEL, LiveServer
-from tpa_model.image_processing import ImageProcessorConfig, preprocess
+from tpa_model.model.image_processing import ImageProcessorConfig, preprocess
 
 GENERIC = "could not fetch image 1 of the request"
 

@@ -9,7 +9,7 @@ from server.engine.engine import EngineConfig, LLMEngine
 from tpa_model import load_model, save_model
 from tpa_model.generation import generate
 from tpa_model.sampling import SamplingParams
-from tpa_model.tokenizer import GemmaTokenizer
+from tpa_model.tokenizers.gemma_tokenizer import GemmaTokenizer
 
 TOL = 1e-4
 TINY_LLAMA = dict(
@@ -64,7 +64,7 @@ def test_full_rank_tpa_is_exact_and_low_rank_is_not(tmp_path):
 @pytest.mark.parametrize("ranks", [(None, None), (1, 1)], ids=["standard", "factors"])
 def test_engine_serves_llama_like_generate(tmp_path, ranks):
     """All layers global: one pool; the engine's greedy tokens equal generate()'s, batched and chunked."""
-    from tpa_model.demo import demo_model_dir
+    from tpa_model.checkpoints.demo import demo_model_dir
 
     save_llama(tmp_path)
     model = load_model(tmp_path, k_rank=ranks[0], v_rank=ranks[1])

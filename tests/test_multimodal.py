@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from tpa_model import ContiguousKVCache, load_model, preset, save_model
-from tpa_model.backends.reference import key_visibility
-from tpa_model.metadata import image_spans
-from tpa_model.prompts import expand_images
+from tpa_model.cache.backends.reference import key_visibility
+from tpa_model.cache.metadata import image_spans
+from tpa_model.tokenizers.prompts import expand_images
 
 TOL = 1e-4
 BOI, EOI, IMG, MM = 310, 311, 312, 4  # ids set in conftest.multimodal_config

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from server.engine.detokenizer import IncrementalDetokenizer
-from tpa_model.tokenizer import CUT
+from tpa_model.tokenizers.gemma_tokenizer import CUT
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -35,10 +35,10 @@ def tokenizer(request, tmp_path_factory):
     """The demo model's GemmaTokenizer (SentencePiece), and the real models' (tokenizers from GGUF)."""
     import os
 
-    from tpa_model.hf_tokenizer import load_tokenizer
+    from tpa_model.tokenizers.hf_tokenizer import load_tokenizer
 
     if request.param == "demo":
-        from tpa_model.models import resolve_model
+        from tpa_model.checkpoints.named_models import resolve_model
 
         os.environ.setdefault("GEMMA_TPA_CACHE", str(tmp_path_factory.mktemp("cache")))
         return load_tokenizer(resolve_model("demo"))
@@ -169,7 +169,7 @@ def test_tokenizers_byte_fallback_writes_a_whole_invalid_run_as_replacement_char
     when it samples stray byte pieces; the property tests above leave byte pieces out for this tokenizer."""
     from conftest import real_model_path
 
-    from tpa_model.hf_tokenizer import load_tokenizer
+    from tpa_model.tokenizers.hf_tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(real_model_path("gemma-3-270m"))
     nul, continuation = (tokenizer.backend.token_to_id(f"<0x{b:02X}>") for b in (0x00, 0x80))

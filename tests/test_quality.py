@@ -10,11 +10,11 @@ import json
 import pytest
 import torch
 
-from tpa_model import load_model, texts
-from tpa_model.eval_cli import main as eval_main
-from tpa_model.hf_tokenizer import load_tokenizer
-from tpa_model.models import resolve_model
-from tpa_model.quality import (
+from tpa_model import load_model
+from tpa_model.checkpoints.named_models import resolve_model
+from tpa_model.evaluation import texts
+from tpa_model.evaluation.cli import main as eval_main
+from tpa_model.evaluation.quality import (
     Passkey,
     QualityReport,
     agreement,
@@ -24,6 +24,7 @@ from tpa_model.quality import (
     plot_frontier,
     project_layer,
 )
+from tpa_model.tokenizers.hf_tokenizer import load_tokenizer
 
 SMALL = dict(eval_tokens=192, seq_len=96, chat_prompts=3, greedy_tokens=6, passkey_lengths=(160,), passkey_trials=2,
              passkey_depths=(0.2, 0.8))

@@ -4,9 +4,15 @@ import torch
 from conftest import TINY_TEXT
 
 from tpa_model import load_model, save_model
-from tpa_model.config import preset
-from tpa_model.convert import reduce_rank
-from tpa_model.rank_allocation import Sensitivity, allocate, cache_fraction, choose_layer_ranks, part_numbers
+from tpa_model.compression.convert import reduce_rank
+from tpa_model.compression.rank_allocation import (
+    Sensitivity,
+    allocate,
+    cache_fraction,
+    choose_layer_ranks,
+    part_numbers,
+)
+from tpa_model.model.config import preset
 
 G, D = 4, 16
 
@@ -49,7 +55,7 @@ def test_layer_ranks_survive_a_checkpoint_and_the_cache_follows_them(hf_causal, 
     reloaded = load_model(tmp_path)
     assert [reloaded.config.layer_ranks(i) for i in range(7)] == ranks
     assert (reloaded(token_ids) - model(token_ids)).abs().max().item() == 0
-    from tpa_model.kv_cache import layer_cache_specs
+    from tpa_model.cache.kv_cache import layer_cache_specs
 
     specs = layer_cache_specs(reloaded.config, torch.float32)
     assert [(s.k_rank, s.v_rank) for s in specs] == ranks and specs[1].layout == "standard"
@@ -64,8 +70,8 @@ def test_cache_fraction_counts_plain_parts_at_full_rank():
 @torch.no_grad()
 def test_sensitivity_reruns_only_later_layers_and_equals_a_full_forward(hf_causal, token_ids):
     """The KL of one reduction measured from the changed layer on equals converting that layer for real."""
-    from tpa_model.convert import kl_divergence
-    from tpa_model.rank_allocation import measure_sensitivity
+    from tpa_model.compression.convert import kl_divergence
+    from tpa_model.compression.rank_allocation import measure_sensitivity
 
     path, _ = hf_causal
     ids = token_ids[:1]

@@ -9,8 +9,8 @@ from conftest import real_model_path
 
 from server.engine.engine import EngineConfig, LLMEngine
 from tpa_model import load_model
-from tpa_model.hf_tokenizer import load_tokenizer
 from tpa_model.sampling import SamplingParams
+from tpa_model.tokenizers.hf_tokenizer import load_tokenizer
 
 TOL = 1e-3
 MODELS = ["gemma-3-270m", "smollm2"]

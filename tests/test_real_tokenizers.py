@@ -32,14 +32,14 @@ except ImportError as e:  # fail loudly: these tests must never be skipped silen
     raise ImportError(f"{e}; {INSTALL_HINT}") from e
 
 from server.engine.detokenizer import IncrementalDetokenizer  # noqa: E402
-from tpa_model.hf_tokenizer import TokenizersTokenizer, load_tokenizer, render_jinja_chat  # noqa: E402
-from tpa_model.tokenizer import (  # noqa: E402
+from tpa_model.tokenizers.gemma_tokenizer import (  # noqa: E402
     DEMO_CORPUS,
     ChatTemplateError,
     GemmaTokenizer,
     render_gemma3_chat,
     train_sentencepiece,
 )
+from tpa_model.tokenizers.hf_tokenizer import TokenizersTokenizer, load_tokenizer, render_jinja_chat  # noqa: E402
 
 # ----- the strings -----
 

@@ -22,10 +22,10 @@ from test_server import MODEL, LiveServer, png_data_url, spawn_tpa_serve
 from server.cli import serve_main
 from server.engine.async_engine import AsyncEngine, RequestFailedError, RequestStream
 from server.engine.engine import CompletionOutput, EngineConfig, LLMEngine, RequestOutput
-from tpa_model.demo import build_demo
-from tpa_model.hf_tokenizer import load_tokenizer
-from tpa_model.loader import load_model
+from tpa_model.checkpoints.demo import build_demo
+from tpa_model.checkpoints.loader import load_model
 from tpa_model.sampling import MIN_LOGPROB, SamplingParams, sample
+from tpa_model.tokenizers.hf_tokenizer import load_tokenizer
 
 # -- the engine, in process ------------------------------------------------------------------------------
 

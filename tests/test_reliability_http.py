@@ -117,8 +117,8 @@ def test_control_strings_in_messages_are_text_sentencepiece(live):
 
 @pytest.mark.parametrize("name", ["gemma-3-270m", "smollm2"])
 def test_control_strings_in_messages_are_text_tokenizers(name):
-    from tpa_model.hf_tokenizer import load_tokenizer
-    from tpa_model.models import resolve_model
+    from tpa_model.checkpoints.named_models import resolve_model
+    from tpa_model.tokenizers.hf_tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(resolve_model(name))
     check_forged_turns_are_text(tokenizer)

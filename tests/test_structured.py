@@ -13,10 +13,10 @@ import torch
 
 from server.engine.engine import EngineConfig, LLMEngine
 from server.engine.structured import StructuredOutputError
-from tpa_model.demo import build_demo
-from tpa_model.loader import load_model
+from tpa_model.checkpoints.demo import build_demo
+from tpa_model.checkpoints.loader import load_model
 from tpa_model.sampling import ParamError, SamplingParams, StructuredOutput
-from tpa_model.tokenizer import GemmaTokenizer
+from tpa_model.tokenizers.gemma_tokenizer import GemmaTokenizer
 
 SCHEMA = {"type": "object",
           "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 999},

@@ -13,7 +13,7 @@ import pytest
 import sentencepiece as spm
 import transformers
 
-from tpa_model.tokenizer import DEMO_CORPUS, ChatTemplateError, GemmaTokenizer, train_sentencepiece
+from tpa_model.tokenizers.gemma_tokenizer import DEMO_CORPUS, ChatTemplateError, GemmaTokenizer, train_sentencepiece
 
 # The chat template of google/gemma-3-*-it (tokenizer_config.json "chat_template"), reformatted one
 # statement per line; the `-` whitespace control makes the layout irrelevant to the output.

@@ -5,7 +5,7 @@ import torch
 from conftest import TINY_TEXT
 
 from tpa_model import ContiguousKVCache, load_model, reduce_rank, save_model
-from tpa_model.convert import attention_inputs, energy_rank, head_covariance, key_metric, value_metric
+from tpa_model.compression.convert import attention_inputs, energy_rank, head_covariance, key_metric, value_metric
 
 
 @torch.no_grad()
@@ -118,7 +118,7 @@ def test_cache_bytes_per_token_match_the_layout(k_rank, v_rank, dtype):
 def test_contextual_head_factors_start_at_the_conversion_and_survive_a_checkpoint(hf_causal, token_ids, tmp_path):
     """T6's form: head factors U + W_a x with W_a = 0 change nothing; trained, they reach the cache and the
     engine decodes them like generate(); a checkpoint keeps them."""
-    from tpa_model.convert import make_heads_contextual
+    from tpa_model.compression.convert import make_heads_contextual
     from tpa_model.generation import generate
 
     path, _ = hf_causal
@@ -145,9 +145,9 @@ def test_contextual_head_factors_start_at_the_conversion_and_survive_a_checkpoin
 def test_per_token_svd_factors_are_the_best_fit_of_each_token(hf_causal, token_ids, tmp_path):
     """Each token's cached keys are the rank-R truncation of its own G x d matrix: never further from the
     exact keys than a head basis shared by all tokens; checkpoints and the engine path keep it."""
-    from tpa_model.convert import to_per_token_svd
+    from tpa_model.compression.convert import to_per_token_svd
     from tpa_model.generation import generate
-    from tpa_model.tpa import combine
+    from tpa_model.model.attention import combine
 
     path, _ = hf_causal
     x = torch.randn(40, TINY_TEXT["hidden_size"], generator=torch.Generator().manual_seed(0))

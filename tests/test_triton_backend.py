@@ -21,11 +21,11 @@ if not CUDA:
 
 pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[test]' installs it)")
 
-from tpa_model.backends import attend, make_backend  # noqa: E402
-from tpa_model.backends.reference import ReferenceBackend  # noqa: E402
-from tpa_model.backends.triton_decode import TritonBackend  # noqa: E402
-from tpa_model.kv_cache import CacheSpec, KVCache  # noqa: E402
-from tpa_model.metadata import build_metadata  # noqa: E402
+from tpa_model.cache.backends import attend, make_backend  # noqa: E402
+from tpa_model.cache.backends.reference import ReferenceBackend  # noqa: E402
+from tpa_model.cache.backends.triton_decode import TritonBackend  # noqa: E402
+from tpa_model.cache.kv_cache import CacheSpec, KVCache  # noqa: E402
+from tpa_model.cache.metadata import build_metadata  # noqa: E402
 
 SCALE = 0.3
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
@@ -202,10 +202,10 @@ def test_engine_greedy_tokens_equal_reference(tmp_path, ranks):
     """The demo model (5 sliding layers, window 16, 2 kv heads) through the engine, prompts long enough to
     slide: the same greedy tokens with either backend."""
     from server.engine.engine import EngineConfig, LLMEngine
-    from tpa_model.demo import build_demo
-    from tpa_model.loader import load_model
+    from tpa_model.checkpoints.demo import build_demo
+    from tpa_model.checkpoints.loader import load_model
     from tpa_model.sampling import SamplingParams
-    from tpa_model.tokenizer import GemmaTokenizer
+    from tpa_model.tokenizers.gemma_tokenizer import GemmaTokenizer
 
     build_demo(tmp_path)
     model = load_model(tmp_path, k_rank=ranks, v_rank=ranks, device=DEVICE)
@@ -268,8 +268,8 @@ def test_gpu_real_models_greedy_equal_cpu(name):
     checked against the reference above, and through the engine on the demo model)."""
     from conftest import real_model_path
 
-    from tpa_model.hf_tokenizer import load_tokenizer
-    from tpa_model.loader import load_model
+    from tpa_model.checkpoints.loader import load_model
+    from tpa_model.tokenizers.hf_tokenizer import load_tokenizer
 
     path = real_model_path(name)
     tokenizer = load_tokenizer(path)

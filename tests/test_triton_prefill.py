@@ -12,12 +12,12 @@ import pytest
 import torch
 from test_triton_backend import DEVICE, PRESETS, SCALE, TOLERANCE, needs_cuda, relative_error
 
-from tpa_model.backends import attend
-from tpa_model.backends.reference import ReferenceBackend
-from tpa_model.backends.triton_decode import TritonBackend
-from tpa_model.backends.triton_prefill import prefill_attention
-from tpa_model.kv_cache import CacheSpec, KVCache
-from tpa_model.metadata import build_metadata
+from tpa_model.cache.backends import attend
+from tpa_model.cache.backends.reference import ReferenceBackend
+from tpa_model.cache.backends.triton_decode import TritonBackend
+from tpa_model.cache.backends.triton_prefill import prefill_attention
+from tpa_model.cache.kv_cache import CacheSpec, KVCache
+from tpa_model.cache.metadata import build_metadata
 
 # (cached prefix, new tokens) per sequence: decodes first, then chunks with and without a prefix
 STEP = [(6, 1), (30, 1), (0, 13), (17, 9), (40, 21)]

@@ -9,8 +9,8 @@ import torch
 import transformers  # the reference implementation; a test-only dependency
 from safetensors import safe_open
 
-from tpa_model.config import ConfigError
-from tpa_model.vision import (
+from tpa_model.model.config import ConfigError
+from tpa_model.model.vision import (
     MultiModalProjector,
     VisionConfig,
     VisionTower,

@@ -9,13 +9,20 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError
-from .convert import DEFAULT_ENERGY, FITS, kl_divergence, make_heads_contextual, reduce_rank, to_per_token_svd
-from .hf_tokenizer import load_tokenizer
-from .loader import load_model, save_model
-from .models import resolve_model
-from .provenance import healing_fields, quality_fields, record
-from .rank_allocation import cache_fraction, choose_layer_ranks
+from .checkpoints.loader import load_model, save_model
+from .checkpoints.named_models import resolve_model
+from .checkpoints.provenance import healing_fields, quality_fields, record
+from .checkpoints.safetensors_files import CheckpointError
+from .compression.convert import (
+    DEFAULT_ENERGY,
+    FITS,
+    kl_divergence,
+    make_heads_contextual,
+    reduce_rank,
+    to_per_token_svd,
+)
+from .compression.rank_allocation import cache_fraction, choose_layer_ranks
+from .tokenizers.hf_tokenizer import load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -61,7 +68,7 @@ def budget_ranks(model, calibration_ids, args) -> tuple[list[int], list[int]]:
 
 def harness(original, candidate, tokenizer, args):
     """The quality harness, CPU-sized: tpa-eval runs the full one."""
-    from .quality import evaluate
+    from .evaluation.quality import evaluate
 
     return evaluate(original, candidate, tokenizer, eval_tokens=args.eval_tokens, chat_prompts=8,
                     passkey_lengths=(256, 512), passkey_trials=3)
@@ -87,7 +94,7 @@ def token_count(value: str) -> int:
 
 
 def add_heal_args(parser: argparse.ArgumentParser) -> None:
-    from .heal import DEFAULT_LR, SOURCES, TRAIN_MODES
+    from .compression.heal import DEFAULT_LR, SOURCES, TRAIN_MODES
 
     g = parser.add_argument_group("healing: distil the converted model towards the original (KL on next tokens)")
     g.add_argument("--heal", type=token_count, default=None, metavar="TOKENS",
@@ -110,7 +117,7 @@ def add_heal_args(parser: argparse.ArgumentParser) -> None:
 
 def heal_into(model, original, tokenizer, args) -> None:
     """Heal in place (float32), with the harness before and after when --evaluate; record both in the model."""
-    from .heal import heal
+    from .compression.heal import heal
 
     eval_fn = (lambda candidate: harness(original, candidate, tokenizer, args)) if args.evaluate else None
     report = heal(model, original, tokenizer, token_budget=args.heal, seq_len=args.heal_seq_len,
@@ -145,7 +152,7 @@ def svd_convert(model, k_rank, v_rank, calibration_ids) -> None:
 def calibration_text(value: str) -> str:
     """--calibration: a text file, or "prose" for the calibration side of tpa_model.texts (never evaluated on)."""
     if value == "prose":
-        from . import texts
+        from .evaluation import texts
 
         return "\n\n".join(texts.documents("calibration").values())
     return Path(value).read_text(encoding="utf-8")

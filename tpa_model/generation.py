@@ -10,9 +10,9 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from .kv_cache import ContiguousKVCache
-from .metadata import image_spans
-from .model import GemmaTPAModel
+from .cache.kv_cache import ContiguousKVCache
+from .cache.metadata import image_spans
+from .model.decoder import GemmaTPAModel
 from .sampling import SamplingParams, make_generator, sample
 
 

@@ -105,9 +105,9 @@ class Cell:
     metadata and queries."""
 
     def __init__(self, shape, ranks, batch, context, dtype, device, seed=0):
-        from tpa_model.backends.reference import ReferenceBackend
-        from tpa_model.kv_cache import CacheSpec, KVCache
-        from tpa_model.metadata import build_metadata
+        from tpa_model.cache.backends.reference import ReferenceBackend
+        from tpa_model.cache.kv_cache import CacheSpec, KVCache
+        from tpa_model.cache.metadata import build_metadata
 
         H, G, d = shape
         self.spec = CacheSpec(G, d, min(ranks[0], G), min(ranks[1], G), None, dtype)
@@ -135,7 +135,7 @@ def sdpa_sides(cell: Cell, timer: Timer, static: bool) -> dict[str, float]:
     permitting) already contiguous."""
     import torch.nn.functional as F
 
-    from tpa_model.backends.reference import gather_plain
+    from tpa_model.cache.backends.reference import gather_plain
 
     kv, pool = cell.kv.layers[0], cell.meta.pools[0]
     q = cell.q.unsqueeze(2)  # [B, H, 1, d]
@@ -186,7 +186,7 @@ def flashinfer_decode(cell: Cell):
 def flash_attn_layout(cell: Cell, seed: int = 0):
     """The cell's standard cache as flash-attn reads it: K and V [pages, FLASH_ATTN_PAGE, G, d] with the pages
     in shuffled order, the block table [B, pages per sequence] and the lengths [B]."""
-    from tpa_model.backends.reference import gather_plain
+    from tpa_model.cache.backends.reference import gather_plain
 
     kv, tables = cell.kv.layers[0], cell.meta.pools[0].block_tables[:, :cell.blocks]
     B, device = cell.q.shape[0], cell.q.device
@@ -249,8 +249,8 @@ def fits(nbytes: int, device: torch.device, fraction: float) -> bool:
 
 
 def run_cell(name, shape, layout, batch, context, args, device, dtype, timer, copy_bw) -> dict:
-    from tpa_model.backends.reference import ReferenceBackend
-    from tpa_model.backends.triton_decode import TritonBackend
+    from tpa_model.cache.backends.reference import ReferenceBackend
+    from tpa_model.cache.backends.triton_decode import TritonBackend
 
     H, G, d = shape
     ranks = (G, G) if layout == "standard" else (layout, layout)

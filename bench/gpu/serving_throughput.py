@@ -85,15 +85,15 @@ from offline_throughput import random_prompts  # noqa: E402
 
 from server.engine.engine import EngineConfig, LLMEngine  # noqa: E402
 from server.engine.llm import LLM  # noqa: E402
-from tpa_model.backends import BACKENDS  # noqa: E402
-from tpa_model.checkpoint import is_tpa_checkpoint, read_config  # noqa: E402
-from tpa_model.config import PRESETS, TextConfig, preset  # noqa: E402
-from tpa_model.demo import demo_model_dir  # noqa: E402
-from tpa_model.hf_tokenizer import load_tokenizer  # noqa: E402
-from tpa_model.loader import open_checkpoint  # noqa: E402
-from tpa_model.model import GemmaTPAModel  # noqa: E402
-from tpa_model.models import resolve_model  # noqa: E402
+from tpa_model.cache.backends import BACKENDS  # noqa: E402
+from tpa_model.checkpoints.demo import demo_model_dir  # noqa: E402
+from tpa_model.checkpoints.loader import open_checkpoint  # noqa: E402
+from tpa_model.checkpoints.named_models import resolve_model  # noqa: E402
+from tpa_model.checkpoints.safetensors_files import is_tpa_checkpoint, read_config  # noqa: E402
+from tpa_model.model.config import PRESETS, TextConfig, preset  # noqa: E402
+from tpa_model.model.decoder import GemmaTPAModel  # noqa: E402
 from tpa_model.sampling import SamplingParams  # noqa: E402
+from tpa_model.tokenizers.hf_tokenizer import load_tokenizer  # noqa: E402
 
 TARGET_CONTEXT = 32768
 TARGETS = {"sessions_x_standard": 3.0, "decode_x_standard": 2.0, "decode_x_transformers": 1.0}

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from tpa_model.kv_cache import KVCache, max_blocks_per_seq
-from tpa_model.metadata import AttentionMetadata, PoolMetadata
-from tpa_model.model import GemmaTPAModel
+from tpa_model.cache.kv_cache import KVCache, max_blocks_per_seq
+from tpa_model.cache.metadata import AttentionMetadata, PoolMetadata
+from tpa_model.model.decoder import GemmaTPAModel
 
 # Larger decode batches run eagerly: launches no longer set their pace there.
 MAX_GRAPH_BATCH = 256

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tpa_model.tokenizer import GemmaTokenizer
+from tpa_model.tokenizers.gemma_tokenizer import GemmaTokenizer
 
 REPLACEMENT_CHAR = "\ufffd"
 

@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tpa_model.metadata import image_spans
-from tpa_model.model import GemmaTPAModel
-from tpa_model.prompts import PromptInputs, build_chat_inputs
-from tpa_model.provenance import summary as quality_summary
+from tpa_model.cache.metadata import image_spans
+from tpa_model.checkpoints.provenance import summary as quality_summary
+from tpa_model.model.decoder import GemmaTPAModel
 from tpa_model.sampling import ParamError, SamplingParams, make_generator, sample, token_logprobs
-from tpa_model.tokenizer import GemmaTokenizer
+from tpa_model.tokenizers.gemma_tokenizer import GemmaTokenizer
+from tpa_model.tokenizers.prompts import PromptInputs, build_chat_inputs
 
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from tpa_model.hf_tokenizer import load_tokenizer
-from tpa_model.loader import load_model
-from tpa_model.models import resolve_model
-from tpa_model.prompts import PromptInputs, split_images
+from tpa_model.checkpoints.loader import load_model
+from tpa_model.checkpoints.named_models import resolve_model
 from tpa_model.sampling import SamplingParams
+from tpa_model.tokenizers.hf_tokenizer import load_tokenizer
+from tpa_model.tokenizers.prompts import PromptInputs, split_images
 
 from .engine import EngineConfig, LLMEngine, RequestOutput
 

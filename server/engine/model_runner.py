@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tpa_model.backends import make_backend
-from tpa_model.capacity import CacheLayout, CapacityReport, capacity_report, tpa_layout
-from tpa_model.kv_cache import KVCache
-from tpa_model.metadata import AttentionMetadata, build_metadata
-from tpa_model.model import GemmaTPAModel
+from tpa_model.cache.backends import make_backend
+from tpa_model.cache.capacity import CacheLayout, CapacityReport, capacity_report, tpa_layout
+from tpa_model.cache.kv_cache import KVCache
+from tpa_model.cache.metadata import AttentionMetadata, build_metadata
+from tpa_model.model.decoder import GemmaTPAModel
 
 from .cuda_graphs import DecodeGraphs, graph_batch_sizes
 from .scheduler import ScheduledChunk, Sequence

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from tpa_model.kv_cache import max_blocks_per_seq
+from tpa_model.cache.kv_cache import max_blocks_per_seq
 from tpa_model.sampling import SamplingParams
 
 from .block_manager import BlockManager, block_digest

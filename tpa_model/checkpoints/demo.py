@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from .config import preset
+from ..model.config import preset
+from ..model.decoder import GemmaTPAModel
+from ..model.vision import VisionConfig
+from ..tokenizers.gemma_tokenizer import DEMO_CORPUS, GemmaTokenizer, train_sentencepiece
 from .loader import save_model
-from .model import GemmaTPAModel
-from .tokenizer import DEMO_CORPUS, GemmaTokenizer, train_sentencepiece
-from .vision import VisionConfig
 
 DEMO_VERSION = 1
 DEMO_SEED = 0

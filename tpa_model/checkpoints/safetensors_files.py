@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import HF_ARCHITECTURES, TPA_ARCHITECTURE, ConfigError, TextConfig, text_config_from_hf
+from ..model.config import HF_ARCHITECTURES, TPA_ARCHITECTURE, ConfigError, TextConfig, text_config_from_hf
 
 TPA_MODEL_TYPE = "gemma3_tpa"
 TOKENIZER_FILES = (

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import httpx
 from PIL import Image
 
-from tpa_model.image_processing import ImageError, TooManyPixelsError, load_image
+from tpa_model.model.image_processing import ImageError, TooManyPixelsError, load_image
 
 from .protocol import APIError
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import find_prefix
+from ..checkpoints.safetensors_files import find_prefix
 from .config import ConfigError
 from .layers import RMSNorm, embedding
 

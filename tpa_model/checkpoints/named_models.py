@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import CheckpointError
+from .safetensors_files import CheckpointError
 
 
 @dataclass(frozen=True)

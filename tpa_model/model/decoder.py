@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..cache.kv_cache import ContiguousKVCache
+from ..cache.metadata import AttentionMetadata, image_spans
+from .attention import TPAttention
 from .config import GEMMA3, GLOBAL, SLIDING, TextConfig
-from .kv_cache import ContiguousKVCache
 from .layers import GatedMLP, RMSNorm, Rotary, embedding
-from .metadata import AttentionMetadata, image_spans
-from .tpa import TPAttention
 from .vision import MultiModalProjector, VisionConfig, VisionTower
 
 

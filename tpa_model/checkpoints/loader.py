@@ -10,8 +10,12 @@ from pathlib import Path
 
 import torch
 
+from ..compression.convert import ConversionReport, RankSpec, reduce_rank
+from ..model.config import TPA_ARCHITECTURE, TextConfig
+from ..model.decoder import GemmaTPAModel
+from ..model.vision import VisionConfig, hf_projector_prefix, hf_vision_prefix
 from . import provenance
-from .checkpoint import (
+from .safetensors_files import (
     TPA_MODEL_TYPE,
     CheckpointError,
     TensorFiles,
@@ -23,10 +27,6 @@ from .checkpoint import (
     read_config,
     save_tpa_checkpoint,
 )
-from .config import TPA_ARCHITECTURE, TextConfig
-from .convert import ConversionReport, RankSpec, reduce_rank
-from .model import GemmaTPAModel
-from .vision import VisionConfig, hf_projector_prefix, hf_vision_prefix
 
 IMAGE_TOKEN_DEFAULT = 262_144  # <image_soft_token> in the Gemma 3 vocabulary
 

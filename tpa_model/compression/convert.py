@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .model import GemmaTPAModel
-from .provenance import record
-from .tpa import FactorProjection, TPAttention, combine
+from ..checkpoints.provenance import record
+from ..model.attention import FactorProjection, TPAttention, combine
+from ..model.decoder import GemmaTPAModel
 
 DEFAULT_ENERGY = 0.99
 FITS = ("activations", "attention")

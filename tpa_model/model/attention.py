@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .backends import attend
+from ..cache.backends import attend
 from .config import GEMMA3, TextConfig
 from .layers import RMSNorm, apply_rope
 
 if TYPE_CHECKING:
-    from .metadata import AttentionMetadata
+    from ..cache.metadata import AttentionMetadata
 
 
 class FactorProjection(nn.Module):

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from ..cache.kv_cache import ContiguousKVCache
+from ..model.decoder import GemmaTPAModel
 from .convert import attention_inputs, head_basis, head_covariance, kl_divergence, refactor
-from .kv_cache import ContiguousKVCache
-from .model import GemmaTPAModel
 
 PARTS = ("k", "v")
 

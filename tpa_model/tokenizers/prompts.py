@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from .image_processing import ImageProcessorConfig, load_image, preprocess
-from .tokenizer import GemmaTokenizer
-from .vision import VisionConfig
+from ..model.image_processing import ImageProcessorConfig, load_image, preprocess
+from ..model.vision import VisionConfig
+from .gemma_tokenizer import GemmaTokenizer
 
 BOI, EOI, IMAGE_TOKEN = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import TextConfig
+from ..model.config import TextConfig
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-from .checkpoint import CheckpointError
-from .cli import DTYPES, add_model_args, resolve_dtype
-from .hf_tokenizer import load_tokenizer
-from .loader import load_model
-from .models import resolve_model
+from ..checkpoints.loader import load_model
+from ..checkpoints.named_models import resolve_model
+from ..checkpoints.safetensors_files import CheckpointError
+from ..cli import DTYPES, add_model_args, resolve_dtype
+from ..tokenizers.hf_tokenizer import load_tokenizer
 from .quality import DEFAULT_DEPTHS, METRIC_LABELS, evaluate, frontier_points, plot_frontier, project_layer
 from .texts import TextsUnavailable
 

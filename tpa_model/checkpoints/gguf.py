@@ -29,11 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError
-from .config import GLOBAL, SLIDING, default_layer_types
+from ..model.config import GLOBAL, SLIDING, default_layer_types
+from ..model.layers import llama3_frequencies
 from .gguf_quants import dequantize
 from .gguf_reader import GGUFFile, GGUFFormatError, GGUFTensorInfo
-from .layers import llama3_frequencies
+from .safetensors_files import CheckpointError
 
 SUPPORTED_ARCHITECTURES = ("gemma3", "llama")
 

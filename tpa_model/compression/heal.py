@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .model import GemmaTPAModel
+from ..model.decoder import GemmaTPAModel
 
 TRAIN_MODES = ("factors", "attention")
 SOURCES = ("calibration", "teacher")
@@ -93,7 +93,7 @@ def trainable_parameters(model: GemmaTPAModel, train: str = "factors") -> dict[s
 
 def calibration_documents() -> list[str]:
     """The calibration side of the held-out text split: healing never reads what quality is measured on."""
-    from . import texts
+    from ..evaluation import texts
 
     return list(texts.documents("calibration").values())
 
@@ -140,8 +140,8 @@ def teacher_samples(teacher: GemmaTPAModel, prompts: torch.Tensor, seq_len: int,
                     vocab: int) -> torch.Tensor:
     """[B, seq_len]: each prompt continued by the teacher, sampled at temperature 1 with a seed per row
     (stop tokens ignored, so every row is full length)."""
-    from .generation import generate
-    from .sampling import SamplingParams
+    from ..generation import generate
+    from ..sampling import SamplingParams
 
     rows = prompts.tolist()
     params = SamplingParams(temperature=1.0, seed=seed, max_tokens=None)
@@ -442,7 +442,7 @@ def _check_models(student: GemmaTPAModel, teacher: GemmaTPAModel, params: dict[s
 
 def _build_run(student, teacher, tokenizer, documents, *, token_budget, seq_len, batch_size, lr, train, source,
                seed, warmup, min_lr_ratio, weight_decay, max_grad_norm, prompt_tokens) -> _Run:
-    from .quality import vocab_limit
+    from ..evaluation.quality import vocab_limit
 
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")

@@ -31,11 +31,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .capacity import standard_layout, tpa_layout
-from .convert import head_basis, head_covariance
-from .generation import generate
-from .model import GemmaTPAModel
-from .tpa import FactorProjection
+from ..cache.capacity import standard_layout, tpa_layout
+from ..compression.convert import head_basis, head_covariance
+from ..generation import generate
+from ..model.attention import FactorProjection
+from ..model.decoder import GemmaTPAModel
 
 # Chat prompts for greedy-continuation agreement: everyday questions any small chat model can take a stab at.
 CHAT_PROMPTS = (

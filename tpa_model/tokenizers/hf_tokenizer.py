@@ -30,7 +30,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-from .tokenizer import (
+from .gemma_tokenizer import (
     BOS,
     CONTROL_STRINGS,
     END_OF_TURN,
@@ -124,7 +124,7 @@ class TokenizersTokenizer(ChatEncoding):
     def from_gguf(cls, path: str | Path, reader: Any = None) -> TokenizersTokenizer:
         """The tokenizer a GGUF file's metadata describes. `reader`: the file's header already open elsewhere
         (`gguf.open_gguf`, shared with the model's loader), else the file is read here."""
-        from .gguf import open_gguf
+        from ..checkpoints.gguf import open_gguf
 
         path = Path(path)
         if reader is None:

@@ -13,7 +13,7 @@ from functools import cached_property
 
 import torch
 
-from .config import TextConfig
+from ..model.config import TextConfig
 from .kv_cache import CacheSpec, group_pools, layer_cache_specs, max_blocks_per_seq, pool_block_bytes, standard_specs
 
 

@@ -28,16 +28,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException
 
-from tpa_model.prompts import PromptInputs
 from tpa_model.sampling import ParamError, SamplingParams, StructuredOutput
-from tpa_model.tokenizer import ChatTemplateError, GemmaTokenizer
+from tpa_model.tokenizers.gemma_tokenizer import ChatTemplateError, GemmaTokenizer
+from tpa_model.tokenizers.prompts import PromptInputs
 
-from .engine.async_engine import AsyncEngine, EngineDeadError, EngineError, QueueFullError, RequestStream
-from .engine.engine import CompletionOutput, RequestOutput
-from .engine.structured import StructuredOutputError
+from ..engine.async_engine import AsyncEngine, EngineDeadError, EngineError, QueueFullError, RequestStream
+from ..engine.engine import CompletionOutput, RequestOutput
+from ..engine.structured import StructuredOutputError
+from ..metrics import Metrics
+from ..middleware import GuardSettings, HTTPGuard, install_log_record_factory
 from .images import ImageLimits, ImageLoader
-from .metrics import Metrics
-from .middleware import GuardSettings, HTTPGuard, install_log_record_factory
 from .protocol import (
     MAX_N,
     UNSUPPORTED_COMPLETION_FIELDS,
