@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from server.engine.engine import EngineConfig, LLMEngine
+from tpa_model.cache.backends.reference import ReferenceBackend
 from tpa_model.cache.capacity import sessions_in_memory, standard_layout, tpa_layout
 from tpa_model.cache.kv_cache import ContiguousKVCache, max_blocks_per_seq
 from tpa_model.checkpoints.demo import build_demo
@@ -21,7 +22,7 @@ def test_block_bytes_agree_with_the_contiguous_cache():
     assert layout.block_bytes["global"] == n_global * 16 * per_token_layer * 2
     assert layout.block_bytes["sliding"] == (cfg.num_hidden_layers - n_global) * 16 * per_token_layer * 2
     small = preset("tiny").with_ranks(1, 2)
-    cache = ContiguousKVCache(small, batch_size=1, max_len=16, dtype=torch.bfloat16)
+    cache = ContiguousKVCache(small, batch_size=1, max_len=16, dtype=torch.bfloat16, backend=ReferenceBackend())
     tiny = tpa_layout(small, torch.bfloat16, block_size=16)
     assert sum(tiny.block_bytes.values()) == cache.kv.total_bytes()
 

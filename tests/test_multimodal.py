@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tpa_model import ContiguousKVCache, load_model, preset, save_model
-from tpa_model.cache.backends.reference import key_visibility
+from tpa_model.cache.backends.reference import ReferenceBackend, key_visibility
 from tpa_model.cache.metadata import image_spans
 from tpa_model.tokenizers.prompts import expand_images
 
@@ -71,7 +71,7 @@ def test_image_mask_hand_checked():
     """t t [i i] t [i i] t: image tokens see their own image both ways, text stays causal."""
     tokens = [0, 0, IMG, IMG, 0, IMG, IMG, 0]
     assert image_spans(tokens, IMG) == [(2, 4), (5, 7)]
-    cache = ContiguousKVCache(preset("tiny"), 1, 8)
+    cache = ContiguousKVCache(preset("tiny"), 1, 8, backend=ReferenceBackend())
     meta = cache.step(8, images=[image_spans(tokens, IMG)])
     assert meta.limits.tolist() == [0, 1, 3, 3, 4, 6, 6, 7]
     pos = meta.positions[None]

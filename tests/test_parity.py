@@ -6,6 +6,7 @@ from conftest import save_hf_causal
 
 import tpa_model
 from tpa_model import ContiguousKVCache, load_model
+from tpa_model.cache.backends.reference import ReferenceBackend
 
 TOL = 1e-4
 
@@ -80,7 +81,7 @@ def test_incremental_decoding_equals_full_forward(hf_causal, token_ids, chunks):
     full = model(token_ids)
     prefill_len = sum(chunks[:-1]) if len(chunks) > 1 else 16
     B, T = token_ids.shape
-    cache = ContiguousKVCache(model.config, B, T)
+    cache = ContiguousKVCache(model.config, B, T, backend=ReferenceBackend())
     pieces, start = [], 0
 
     def step(ids):

@@ -5,6 +5,7 @@ import torch
 from conftest import TINY_TEXT
 
 from tpa_model import ContiguousKVCache, load_model, reduce_rank, save_model
+from tpa_model.cache.backends.reference import ReferenceBackend
 from tpa_model.compression.convert import attention_inputs, energy_rank, head_covariance, key_metric, value_metric
 
 
@@ -108,7 +109,7 @@ def test_cache_bytes_per_token_match_the_layout(k_rank, v_rank, dtype):
     def numbers(rank):
         return rank * (G + d) if rank < G else G * d
 
-    cache = ContiguousKVCache(cfg, batch_size=3, max_len=50, dtype=dtype)
+    cache = ContiguousKVCache(cfg, batch_size=3, max_len=50, dtype=dtype, backend=ReferenceBackend())
     for layer in cache.kv.layers:
         assert layer.nbytes == 3 * 50 * (numbers(k_rank) + numbers(v_rank)) * dtype.itemsize
     assert numbers(G) < G * (G + d)  # exact layers are stored plain: factors would cost more

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from .cache.backends import default_backend
 from .cache.kv_cache import ContiguousKVCache
 from .cache.metadata import image_spans
 from .model.decoder import GemmaTPAModel
@@ -37,7 +38,8 @@ def generate(
         return [[] for _ in prompts]
     ids = torch.tensor([list(p) for p in prompts], dtype=torch.long, device=model.device)
     B, L = ids.shape
-    cache = ContiguousKVCache(model.config, B, L + max_new_tokens, model.dtype, model.device)
+    cache = ContiguousKVCache(model.config, B, L + max_new_tokens, model.dtype, model.device,
+                              backend=default_backend(model.device))
     generators = [make_generator(None if params.seed is None else params.seed + b, model.device) for b in range(B)]
     stops = set(stop_token_ids)
     outputs: list[list[int]] = [[] for _ in range(B)]

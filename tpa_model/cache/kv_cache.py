@@ -15,10 +15,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..model.config import TextConfig
+from .metadata import build_metadata
+
+if TYPE_CHECKING:
+    from .backends import AttentionBackend
 
 
 @dataclass(frozen=True)
@@ -180,7 +185,8 @@ def pool_block_bytes(specs: list[CacheSpec], block_size: int) -> dict[str, int]:
 
 class ContiguousKVCache:
     """B sequences that advance together, each in one block of max_len slots: the paged cache with trivial
-    block tables. generate(), conversion and the tests run the model's one forward over it."""
+    block tables. generate(), conversion and the tests run the model's one forward over it. Its builder
+    chooses the attention backend (the contiguous path uses the reference: backends.default_backend)."""
 
     def __init__(
         self,
@@ -189,21 +195,18 @@ class ContiguousKVCache:
         max_len: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
-        backend=None,
+        *,
+        backend: AttentionBackend,
     ):
-        from .backends import default_backend
-
         specs = layer_cache_specs(config, dtype)
         self.kv = KVCache(specs, {p.name: batch_size for p in group_pools(specs)}, max_len, device)
         self.batch_size, self.max_len, self.seq_len = batch_size, max_len, 0
         self.device = device
-        self.backend = backend or default_backend(device)
+        self.backend = backend
 
     def step(self, length: int, last_only: bool = False, images: list[list[tuple[int, int]]] | None = None):
         """Metadata for the next `length` tokens of every sequence (logits of all of them, or of the last).
         images[b] are [a, b) spans relative to these new tokens."""
-        from .metadata import build_metadata
-
         start, B = self.seq_len, self.batch_size
         if start + length > self.max_len:
             raise ValueError(f"cache holds {self.max_len} tokens; cannot store up to position {start + length}")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from ..cache.backends import default_backend
 from ..cache.kv_cache import ContiguousKVCache
 from ..model.decoder import GemmaTPAModel
 from .convert import attention_inputs, head_basis, head_covariance, kl_divergence, refactor
@@ -86,7 +87,8 @@ def _kl_with_one_reduction(model, ids, reference, attn_inputs, residual, layer: 
     model.config = config.with_layer_ranks(ranks, config.tpa.q_rank)
     try:
         B, L = ids.shape
-        meta = ContiguousKVCache(model.config, B, L, model.dtype, model.device).step(L)
+        cache = ContiguousKVCache(model.config, B, L, model.dtype, model.device, backend=default_backend(model.device))
+        meta = cache.step(L)
         hidden = model.decode_layers(residual, meta.positions, meta, start=layer)
         return kl_divergence(reference, model.logits(hidden).view(B, L, -1).float())
     finally:

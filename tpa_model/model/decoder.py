@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..cache.backends import default_backend
 from ..cache.kv_cache import ContiguousKVCache
 from ..cache.metadata import AttentionMetadata, image_spans
 from .attention import TPAttention
@@ -169,7 +170,7 @@ class GemmaTPAModel(nn.Module):
     def forward_sequences(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
         """Whole sequences [B, L] -> logits [B, L, vocab], through a cache that lives for this call."""
         B, L = input_ids.shape
-        cache = ContiguousKVCache(self.config, B, L, self.dtype, self.device)
+        cache = ContiguousKVCache(self.config, B, L, self.dtype, self.device, backend=default_backend(self.device))
         images = None
         if self.image_token_id is not None:
             images = [image_spans(row, self.image_token_id) for row in input_ids.tolist()]
