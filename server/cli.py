@@ -255,7 +255,8 @@ def positive(kind):
 def build_server(args: argparse.Namespace):
     """(FastAPI app, AsyncEngine) from parsed tpa-serve arguments."""
     from .engine.async_engine import AsyncEngine
-    from .openai.api_server import ServerSettings, create_app
+    from .openai.api_server import create_app
+    from .openai.settings import ServerSettings
 
     path = resolve_model(args.model)
     model = load_model(path, k_rank=args.k_rank, v_rank=args.v_rank, dtype=resolve_dtype(args), device=args.device)
