@@ -2,7 +2,7 @@
 
 Below full rank the model changes (DESIGN.md section 1), so every capacity figure comes with these numbers:
 
-* perplexity of both models on the evaluation side of `tpa_model.texts` (never seen by calibration or
+* perplexity of both models on the evaluation side of `tpa_model.evaluation.texts` (never seen by calibration or
   healing), the mean next-token KL(original || candidate) and top-1 agreement on the same positions;
 * greedy-continuation agreement on chat prompts: each model continues each prompt greedily, and we count
   identical tokens position by position and the tokens before the first divergence;
@@ -503,7 +503,7 @@ def _describe(original, candidate, text_source: str) -> dict:
 
 
 def _eval_documents(documents: Sequence[str] | None, text_source: str | None) -> tuple[list[str], str]:
-    """The given documents, or the evaluation side of tpa_model.texts (fetched on first use)."""
+    """The given documents, or the evaluation side of tpa_model.evaluation.texts (fetched on first use)."""
     if documents is not None:
         return list(documents), text_source or "given documents"
     from . import texts
@@ -534,7 +534,7 @@ def evaluate(
 ) -> QualityReport:
     """Measure `candidate` (a converted or healed model) against `original` on held-out text.
 
-    documents default to the evaluation side of tpa_model.texts. The first chat_prompts of CHAT_PROMPTS (32 at
+    documents default to the evaluation side of tpa_model.evaluation.texts. The first chat_prompts of CHAT_PROMPTS (32 at
     most) are continued for greedy_tokens tokens. passkey_trials keys are tried at each passkey length and
     depth; lengths beyond the model's context are dropped. With reduce_layer (e.g. project_layer(k, v)) the
     report also holds each layer's sensitivity, measured on about layer_tokens tokens. The cache bytes per
