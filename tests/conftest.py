@@ -11,8 +11,8 @@ import pytest
 import torch
 import transformers  # the reference implementation; a test-only dependency
 
-# The held-out prose (tpa_model/evaluation/texts.py) is fetched and converted once per machine (11 s), not again for each
-# test that points GEMMA_TPA_CACHE at a fresh folder for the demo model.
+# The held-out prose (tpa_model/evaluation/texts.py) is fetched and converted once per machine (11 s), not again
+# for each test that points GEMMA_TPA_CACHE at a fresh folder for the demo model.
 os.environ.setdefault("GEMMA_TPA_TEXTS", str(Path.home() / ".cache" / "gemma-tpa" / "texts"))
 
 TINY_TEXT = dict(

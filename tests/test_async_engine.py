@@ -5,7 +5,7 @@ import time
 
 import pytest
 import torch
-from test_server import fail_after
+from live_server import fail_after
 
 from server.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 from server.engine.engine import EngineConfig, LLMEngine

@@ -18,9 +18,9 @@ import os
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
+from live_server import MODEL, LiveServer
 from PIL import Image
 from schemathesis import GenerationMode
-from test_server import MODEL, LiveServer
 
 # Examples per operation and phase (FUZZ_EXAMPLES=200 to fuzz longer); the module takes 15-20 s on 2 shared cores.
 MAX_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", 40))

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from live_server import LiveServer
 from openai import OpenAI
-from test_server import LiveServer
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,9 @@ import httpx
 import openai
 import pytest
 import torch
+from live_server import MODEL, LiveServer, png_data_url, spawn_tpa_serve
 from PIL import Image
 from test_engine import finish
-from test_server import MODEL, LiveServer, png_data_url, spawn_tpa_serve
 
 from server.cli import serve_main
 from server.engine.async_engine import AsyncEngine, RequestFailedError, RequestStream

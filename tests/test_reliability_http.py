@@ -14,7 +14,7 @@ import time
 import httpx
 import openai
 import pytest
-from test_server import MODEL, LiveServer, png_data_url, spawn_tpa_serve
+from live_server import MODEL, LiveServer, png_data_url, spawn_tpa_serve
 
 from server.cli import serve_parser
 

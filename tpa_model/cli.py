@@ -150,7 +150,7 @@ def svd_convert(model, k_rank, v_rank, calibration_ids) -> None:
 
 
 def calibration_text(value: str) -> str:
-    """--calibration: a text file, or "prose" for the calibration side of tpa_model.evaluation.texts (never evaluated on)."""
+    """--calibration: a text file, or "prose" for the calibration side of evaluation.texts (never evaluated on)."""
     if value == "prose":
         from .evaluation import texts
 

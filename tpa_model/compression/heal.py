@@ -8,7 +8,7 @@ matters, as MHA2MLA, X-EcoMLA and CARE do after their low-rank retrofits.
 * The teacher is the original model, frozen, in eval mode and without gradients; the student is the converted
   model (same architecture, lower ranks).
 * The loss is the mean over every position of KL(teacher || student) on sequences of calibration text (the
-  calibration side of `tpa_model.evaluation.texts`, never the eval side, so quality measured afterwards is on unseen text),
+  calibration side of `evaluation.texts`, never the eval side, so quality measured afterwards is on unseen text),
   cut into windows and shuffled with a fixed seed; or (`source="teacher"`) on sequences the teacher samples
   itself from short calibration prompts, which puts the student on the teacher's own distribution.
 * Only the attention's factor projections train by default (`train="factors"`: token_proj, head_basis and the

@@ -534,7 +534,7 @@ def evaluate(
 ) -> QualityReport:
     """Measure `candidate` (a converted or healed model) against `original` on held-out text.
 
-    documents default to the evaluation side of tpa_model.evaluation.texts. The first chat_prompts of CHAT_PROMPTS (32 at
+    documents default to the evaluation side of evaluation.texts. The first chat_prompts of CHAT_PROMPTS (32 at
     most) are continued for greedy_tokens tokens. passkey_trials keys are tried at each passkey length and
     depth; lengths beyond the model's context are dropped. With reduce_layer (e.g. project_layer(k, v)) the
     report also holds each layer's sensitivity, measured on about layer_tokens tokens. The cache bytes per
