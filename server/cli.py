@@ -196,7 +196,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def add_image_args(p: argparse.ArgumentParser) -> None:
-    """What a request's images may cost, and where image URLs may point (server/images.py)."""
+    """What a request's images may cost, and where image URLs may point (server/openai/images.py)."""
     p.add_argument("--allow-private-image-urls", action="store_true",
                    help="fetch image URLs that resolve to loopback, private, link-local or metadata addresses")
     p.add_argument("--max-images-per-request", type=positive(int), default=8)

@@ -19,8 +19,8 @@ print("torch", torch.__version__, "triton", triton.__version__, "device", torch.
 EOF
 
 timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu -k "not real_models" \
-    tests/test_triton_backend.py tests/test_triton_prefill.py tests/test_cuda_graphs.py tests/test_cache_sizing.py \
-    tests/test_structured.py \
+    tests/cache/test_triton_backend.py tests/cache/test_triton_prefill.py tests/engine/test_cuda_graphs.py tests/engine/test_cache_sizing.py \
+    tests/engine/test_structured.py \
     2>&1 | tee "$results/gpu_tests.log"
 
 timeout 120 python3 bench/gpu/decode_attention.py --shapes 12b 27b --batches 1 32 128 \

@@ -2,7 +2,7 @@
 of them together, with the factor cache against a standard cache, against transformers' `generate` with a
 static cache, and against vLLM when it imports.
 
-Models (--models): a name in tpa_model.config.PRESETS (`12b`) is that Gemma 3 shape with random weights, built
+Models (--models): a name in tpa_model.model.config.PRESETS (`12b`) is that Gemma 3 shape with random weights, built
 directly on the device (nothing of that size is initialised on the CPU); its factor side uses the preset with
 TPA ranks R, so the factor weights are random too: speed is measured here, never quality. Any other name or
 path (`smollm2`, `gemma-3-270m`) is a real checkpoint loaded by `load_model`; its factor side is the weight-space

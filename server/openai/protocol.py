@@ -334,7 +334,7 @@ class CompletionRequest(SamplingRequest):
         return [len(p) for p in self.prompts() if isinstance(p, str)]
 
 
-# -- responses, for the OpenAPI document (the routes build them as dicts; tests/test_fuzz.py checks they match) --
+# -- responses, for the OpenAPI document (the routes build them as dicts; tests/openai/test_fuzz.py checks they match)
 
 
 class Usage(BaseModel):

@@ -1,7 +1,7 @@
 """load_model / save_model: the one entry point from a checkpoint on disk to a ready model.
 
 A checkpoint is a Hugging Face directory (safetensors), a TPA checkpoint directory, or a GGUF file, which
-is read as the Hugging Face checkpoint it was converted from (tpa_model/gguf.py).
+is read as the Hugging Face checkpoint it was converted from (tpa_model/checkpoints/gguf.py).
 """
 
 from __future__ import annotations

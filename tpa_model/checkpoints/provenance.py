@@ -21,7 +21,7 @@ def record(model, section: str, **fields: Any) -> None:
 
 
 def quality_fields(report) -> dict[str, Any]:
-    """The figures of a tpa_model.quality.QualityReport a checkpoint keeps."""
+    """The figures of a tpa_model.evaluation.quality.QualityReport a checkpoint keeps."""
     return {
         "text": report.text_source,
         "eval_tokens": report.eval_tokens,
@@ -37,7 +37,7 @@ def quality_fields(report) -> dict[str, Any]:
 
 
 def healing_fields(report) -> dict[str, Any]:
-    """What a checkpoint keeps of a tpa_model.heal.HealReport: the budget, the recipe, where it ended."""
+    """What a checkpoint keeps of a tpa_model.compression.heal.HealReport: the budget, the recipe, where it ended."""
     return {
         "tokens": report.tokens_seen,
         "token_budget": report.token_budget,

@@ -1,7 +1,7 @@
 """tpa-eval: the quality of a converted (or healed) model against its original, on held-out text.
 
 The candidate is a checkpoint (--candidate), or the original converted on load to --k-rank/--v-rank; the
-figures are those of tpa_model.quality.evaluate, printed as a table and optionally written as JSON and as a
+figures are those of tpa_model.evaluation.quality.evaluate, printed as a table and optionally written as JSON and as a
 quality-versus-cache-size PNG.
 """
 

@@ -10,7 +10,7 @@ reStructuredText source under usr/share/doc/python3.11/html/_sources/ is turned 
 The split is by file, fixed by a hash of the file's path (see `split_of`): about one file in five
 (`EVAL_SHARE`) is evaluation text, the rest is calibration text, and the few paragraphs that occur on both
 sides are dropped from the eval side. Whoever calibrates or heals a model reads `documents("calibration")`
-and so never sees a paragraph that `tpa_model.quality` evaluates on. With python3.11-doc 3.11.2, 105 of the
+and so never sees a paragraph that `tpa_model.evaluation.quality` evaluates on. With python3.11-doc 3.11.2, 105 of the
 491 files with prose are on the eval side (about 280k SmolLM2 tokens), 386 on the calibration side (about
 980k); `python -m tpa_model.texts --list eval` (or `--list calibration`) prints which.
 """

@@ -1,4 +1,4 @@
-"""Healing (tpa_model.heal) on a small random model: plumbing only, never a quality claim.
+"""Healing (tpa_model.compression.heal) on a small random model: plumbing only, never a quality claim.
 
 The demo checkpoint's weights are tiny (std 0.02), so its logits are nearly uniform and a rank-1 conversion
 barely changes them; the `sharp` fixture re-draws its weights larger (as tests/conftest.py does for the tiny

@@ -1,7 +1,7 @@
-"""GGUF files read as Hugging Face checkpoints (tpa_model/gguf.py), against transformers' own GGUF loading.
+"""GGUF files read as Hugging Face checkpoints (tpa_model/checkpoints/gguf.py), against transformers' own GGUF loading.
 
 Two real files: Gemma 3 270M (Q4_K_M, architecture gemma3) and SmolLM2-135M-Instruct (Q4_1, architecture
-llama). transformers dequantizes with the `gguf` package and we with our own (tpa_model/gguf_quants.py) in the
+llama). transformers dequantizes with the `gguf` package and we with our own (checkpoints/gguf_quants.py) in the
 same float32 arithmetic, so every tensor must match exactly. Small files written with gguf.GGUFWriter cover
 every tensor type, the metadata variants and the errors.
 """
@@ -208,7 +208,7 @@ def test_every_dequantizable_type(tmp_path):
 
 
 def test_own_dequantizers_match_the_gguf_package_without_it(monkeypatch):
-    """The common formats (legacy, K-quants, BF16) are unpacked by tpa_model.gguf_quants, with the gguf package
+    """The common formats (legacy, K-quants, BF16) are unpacked by checkpoints.gguf_quants, with the gguf package
     absent: exactly the package's values, for random blocks and across the boundary between passes; the ggml
     type table is the package's. Formats only the package unpacks then say so."""
     from tpa_model.checkpoints import gguf_quants
@@ -264,7 +264,7 @@ def test_not_gguf(tmp_path):
 
 
 def test_header_reader_equals_the_gguf_package(tmp_path):
-    """tpa_model.gguf_reader reads every metadata value type and every tensor type as the gguf package's reader
+    """checkpoints.gguf_reader reads every metadata value type and every tensor type as the gguf package's reader
     does (its values; float32 scalars as their shortest decimal), on a small file and SmolLM2's, and
     arrays of arrays as what was written."""
     from tpa_model.checkpoints.gguf_reader import GGUFFile

@@ -154,7 +154,7 @@ def test_fuzzed_requests_reached_the_engine_and_left_nothing_behind(live):
     assert live.idle(), live.engine.stats()
 
 
-# -- what the fuzzing found, each fixed in server/protocol.py or server/api.py -----------------------------------
+# -- what the fuzzing found, each fixed in server/openai/protocol.py or the server/openai modules --------------------
 
 
 def post(live, path, body):

@@ -1,7 +1,7 @@
 """Property tests (hypothesis): the chat template, the tokenizers' round trip and the incremental detokenizer,
 for any text, on the demo model's SentencePiece tokenizer and on the two real models' tokenizers (GGUF, read
 with `tokenizers`). The image pipeline's properties (any bytes give an image or a 400) are in
-tests/test_images_security.py.
+tests/openai/test_images_security.py.
 """
 
 from __future__ import annotations

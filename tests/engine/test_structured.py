@@ -118,7 +118,7 @@ def test_benchmark_runs_and_writes_its_table(tmp_path, capsys):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "bench/structured.py"
+    path = Path(__file__).resolve().parents[2] / "bench/structured.py"
     spec = importlib.util.spec_from_file_location("structured_bench", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

@@ -286,7 +286,7 @@ def decode_attention_bench():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "bench/gpu/decode_attention.py"
+    path = Path(__file__).resolve().parents[2] / "bench/gpu/decode_attention.py"
     spec = importlib.util.spec_from_file_location("decode_attention_bench", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
@@ -340,8 +340,8 @@ COMPILE_FOR_H100 = """
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from tpa_model.backends.triton_decode import TritonBackend, decode_split_kernel, merge_kernel, pad
-from tpa_model.kv_cache import CacheSpec
+from tpa_model.cache.backends.triton_decode import TritonBackend, decode_split_kernel, merge_kernel, pad
+from tpa_model.cache.kv_cache import CacheSpec
 
 ARGS = dict(q_ptr="*bf16", q_seq_stride="i32", k0_ptr="*bf16", k1_ptr="*bf16", v0_ptr="*bf16", v1_ptr="*bf16",
             num_slots="i32", table_ptr="*i64", table_stride="i32", first_ptr="*i64", pos_ptr="*i64",
@@ -357,7 +357,7 @@ args = dict(m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", out_ptr="*bf16", out_
             pos_ptr="*i64", limit_ptr="*i64", window="i32", min_split="i32", S="i32")
 assert triton.compile(ASTSource(merge_kernel, args | {k: "constexpr" for k in merge}, constexprs=merge),
                       target=target).asm["cubin"]
-from tpa_model.backends.triton_prefill import prefill_config, prefill_kernel
+from tpa_model.cache.backends.triton_prefill import prefill_config, prefill_kernel
 ARGS = dict(q_ptr="*bf16", q_tok_stride="i32", out_ptr="*bf16", out_tok_stride="i32", k0_ptr="*bf16", k1_ptr="*bf16",
             v0_ptr="*bf16", v1_ptr="*bf16", num_slots="i32", query_start_ptr="*i64", first_seq="i32",
             row_offset="i32", table_ptr="*i64", table_stride="i32", first_ptr="*i64", pos_ptr="*i64",
@@ -380,5 +380,5 @@ def test_kernels_compile_for_h100():
 
     env = dict(os.environ, TRITON_INTERPRET="0")
     done = subprocess.run([sys.executable, "-c", COMPILE_FOR_H100], env=env, capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1], timeout=300)
+                          cwd=Path(__file__).resolve().parents[2], timeout=300)
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]

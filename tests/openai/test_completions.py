@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 import torch
-from live_server import LiveServer, fail_after  # tests/ is on sys.path (rootdir conftest)
+from live_server import LiveServer, fail_after
 
 MODEL = "gemma-tpa-demo"
 MAX_MODEL_LEN = 128

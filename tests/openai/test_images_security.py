@@ -23,12 +23,12 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from live_server import MODEL, LiveServer
 from PIL import Image
 
 from server.openai import images
 from server.openai.images import ImageLimits, ImageLoader, decode_images, is_public_address, parse_url
 from server.openai.protocol import APIError
-from tests.test_server import MODEL, LiveServer
 from tpa_model.model.image_processing import ImageProcessorConfig, preprocess
 
 GENERIC = "could not fetch image 1 of the request"

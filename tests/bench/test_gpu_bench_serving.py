@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-PATH = Path(__file__).resolve().parents[1] / "bench/gpu/serving_throughput.py"
+PATH = Path(__file__).resolve().parents[2] / "bench/gpu/serving_throughput.py"
 
 
 def load_bench():

@@ -17,7 +17,7 @@ from conftest import free_port
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FIRST_DELAY = 0.05  # seconds before the first content chunk
 CHUNK_SLEEP = 0.02  # seconds between content chunks
 

@@ -313,7 +313,7 @@ def test_metrics_count_tokens(live, client):
 
 def dockerfile_entrypoint() -> list[str]:
 
-    line = next(x for x in (Path(__file__).parents[1] / "Dockerfile").read_text().splitlines()
+    line = next(x for x in (Path(__file__).parents[2] / "Dockerfile").read_text().splitlines()
                 if x.startswith("ENTRYPOINT"))
     return json.loads(line.removeprefix("ENTRYPOINT"))
 
