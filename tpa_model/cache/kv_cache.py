@@ -9,6 +9,9 @@ ranks); a sliding-window pool only keeps the blocks its window can still see.
 Storage per layer, one slot per cached token (slot = block * block_size + offset):
     plain part     [G, slots, d]                  (head-major: a tile of one head's keys is contiguous)
     factored part  head [slots, R, G], token [slots, R, d]
+Keys and values may each be stored in 8 or 4 bits (quantization.py): the plain rows or the token factors
+are then stored quantized, with their float16 scales beside them in the same slots ([G, slots, groups] or
+[slots, R, groups]); head factors stay in the model's dtype.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 
 from ..model.config import TextConfig
 from .metadata import build_metadata
+from .quantization import AUTO, SCALE_DTYPE, KVCacheDtype, is_quantized, num_groups, storage_dtype, stored_width
 
 if TYPE_CHECKING:
     from .backends import AttentionBackend
@@ -33,7 +37,9 @@ class CacheSpec:
     k_rank: int
     v_rank: int
     window: int | None  # sliding window in tokens; None for global layers
-    dtype: torch.dtype
+    dtype: torch.dtype  # the model's: what attention computes in, and what "auto" parts store
+    k_cache_dtype: str = "auto"  # how keys are stored: auto, int8, fp8_e4m3 or int4 (quantization.py)
+    v_cache_dtype: str = "auto"
 
     @property
     def k_factored(self) -> bool:
@@ -44,10 +50,20 @@ class CacheSpec:
         return self.v_rank < self.kv_heads
 
     @property
+    def quantized(self) -> bool:
+        return is_quantized(self.k_cache_dtype) or is_quantized(self.v_cache_dtype)
+
+    def cache_dtype(self, part: str) -> str:
+        """How part 'k' or 'v' is stored."""
+        return self.k_cache_dtype if part == "k" else self.v_cache_dtype
+
+    @property
     def layout(self) -> str:
-        if not (self.k_factored or self.v_factored):
-            return "standard"
-        return f"factors k{self.k_rank} v{self.v_rank}"
+        shape = "standard" if not (self.k_factored or self.v_factored) else f"factors k{self.k_rank} v{self.v_rank}"
+        if not self.quantized:
+            return shape
+        stored = KVCacheDtype(self.k_cache_dtype, self.v_cache_dtype).name()
+        return f"{shape} ({stored})"
 
     def part_shapes(self) -> list[tuple[int, ...]]:
         """Per-token shapes of the stored tensors, keys then values."""
@@ -58,20 +74,24 @@ class CacheSpec:
         return shapes
 
 
-def layer_cache_specs(config: TextConfig, dtype: torch.dtype) -> list[CacheSpec]:
-    """The cache spec of every layer of a model with this config."""
+def layer_cache_specs(config: TextConfig, dtype: torch.dtype, cache_dtype: KVCacheDtype = AUTO) -> list[CacheSpec]:
+    """The cache spec of every layer of a model with this config, keys and values stored as cache_dtype says."""
     specs = []
     for layer in range(config.num_hidden_layers):
         k_rank, v_rank = config.layer_ranks(layer)
         window = config.sliding_window if config.is_sliding(layer) else None
-        specs.append(CacheSpec(config.num_key_value_heads, config.head_dim, k_rank, v_rank, window, dtype))
+        specs.append(CacheSpec(config.num_key_value_heads, config.head_dim, k_rank, v_rank, window, dtype,
+                               cache_dtype.k, cache_dtype.v))
     return specs
 
 
-def standard_specs(specs: list[CacheSpec], window_freeing: bool = True) -> list[CacheSpec]:
-    """The same layers with a standard GQA cache (K and V plain), for comparisons."""
+def standard_specs(specs: list[CacheSpec], window_freeing: bool = True, cache_dtype: KVCacheDtype = AUTO,
+                   dtype: torch.dtype | None = None) -> list[CacheSpec]:
+    """The same layers with a standard GQA cache (K and V plain), for comparisons: stored as cache_dtype says,
+    in `dtype` where that is auto (default: the layers' own)."""
     return [
-        CacheSpec(s.kv_heads, s.head_dim, s.kv_heads, s.kv_heads, s.window if window_freeing else None, s.dtype)
+        CacheSpec(s.kv_heads, s.head_dim, s.kv_heads, s.kv_heads, s.window if window_freeing else None,
+                  dtype or s.dtype, cache_dtype.k, cache_dtype.v)
         for s in specs
     ]
 
@@ -114,23 +134,33 @@ def group_pools(specs: list[CacheSpec]) -> list[Pool]:
 
 
 class LayerKV:
-    """One layer's cached keys and values in its pool's slots; each part plain or factored."""
+    """One layer's cached keys and values in its pool's slots; each part plain or factored, and stored in the
+    model's dtype or quantized. k and v hold the data ((store,) or (head, token)); k_scale and v_scale the
+    scales of a quantized part's rows (plain rows or token factors), else None."""
 
     def __init__(self, spec: CacheSpec, num_slots: int, device: torch.device | str):
         self.spec = spec
         G, d = spec.kv_heads, spec.head_dim
 
-        def part(rank: int, factored: bool) -> tuple[torch.Tensor, ...]:
+        def part(rank: int, factored: bool, kind: str) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
+            rows = (num_slots, rank) if factored else (G, num_slots)
+            data = torch.zeros(*rows, stored_width(kind, d), dtype=storage_dtype(kind, spec.dtype), device=device)
+            scale = None
+            if is_quantized(kind):
+                scale = torch.zeros(*rows, num_groups(kind, d), dtype=SCALE_DTYPE, device=device)
             if factored:
-                return (torch.zeros(num_slots, rank, G, dtype=spec.dtype, device=device),
-                        torch.zeros(num_slots, rank, d, dtype=spec.dtype, device=device))
-            return (torch.zeros(G, num_slots, d, dtype=spec.dtype, device=device),)
+                return (torch.zeros(num_slots, rank, G, dtype=spec.dtype, device=device), data), scale
+            return (data,), scale
 
-        self.k = part(spec.k_rank, spec.k_factored)
-        self.v = part(spec.v_rank, spec.v_factored)
+        self.k, self.k_scale = part(spec.k_rank, spec.k_factored, spec.k_cache_dtype)
+        self.v, self.v_scale = part(spec.v_rank, spec.v_factored, spec.v_cache_dtype)
+
+    def scale(self, part: str) -> torch.Tensor | None:
+        return self.k_scale if part == "k" else self.v_scale
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return self.k + self.v
+        scales = tuple(t for t in (self.k_scale, self.v_scale) if t is not None)
+        return self.k + self.v + scales
 
     @property
     def nbytes(self) -> int:
@@ -197,8 +227,9 @@ class ContiguousKVCache:
         device: torch.device | str = "cpu",
         *,
         backend: AttentionBackend,
+        cache_dtype: KVCacheDtype = AUTO,
     ):
-        specs = layer_cache_specs(config, dtype)
+        specs = layer_cache_specs(config, dtype, cache_dtype)
         self.kv = KVCache(specs, {p.name: batch_size for p in group_pools(specs)}, max_len, device)
         self.batch_size, self.max_len, self.seq_len = batch_size, max_len, 0
         self.device = device

@@ -12,15 +12,23 @@ head factors then weight each (token, rank) pair per kv group:
 Plain parts are standard GQA: the query heads of a group against that group's keys. A prefill chunk's many
 queries share every key, so there a tile's keys and values are rebuilt from their factors first (R d work per
 key, against M R d for attending on factors with M queries), one tile at a time.
+
+A quantized part (int8, fp8, int4: quantization.py) is quantized once, when its token is written, and read
+back tile by tile: each tile's rows are dequantized to the model's dtype after they are gathered, so the
+whole context is never dequantized at once (prefill chunks on a quantized plain cache take the tiled path
+too, not the fused kernel over the whole visible context).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 
 from ..kv_cache import LayerKV
 from ..metadata import AttentionMetadata, PoolMetadata
+from ..quantization import dequantize, is_quantized, quantize
 
 TILE_BYTES = 4 << 20  # cache bytes gathered per tile
 TILE_SCORES = 8 << 20  # score elements per tile
@@ -34,12 +42,18 @@ class ReferenceBackend:
         self.tile_bytes, self.tile_scores = tile_bytes, tile_scores
 
     def write(self, kv: LayerKV, slots: torch.Tensor, k: tuple[torch.Tensor, ...], v: tuple[torch.Tensor, ...]):
-        for stored, new, factored in ((kv.k, k, kv.spec.k_factored), (kv.v, v, kv.spec.v_factored)):
-            for store, t in zip(stored, new):
-                if factored:  # [slots, R, width]
-                    store.index_copy_(0, slots, t.to(store.dtype))
-                else:  # plain: [G, slots, d] from [N, G, d]
-                    store.index_copy_(1, slots, t.transpose(0, 1).to(store.dtype))
+        """The new tokens' parts into their slots; a quantized part's rows (plain rows, token factors) are
+        quantized here, once, with their scales written beside them."""
+        for part, stored, new in (("k", kv.k, k), ("v", kv.v, v)):
+            factored = len(stored) == 2
+            kind = kv.spec.cache_dtype(part)
+            rows = new[-1]  # plain [N, G, d], or the token factors [N, R, d]
+            if factored:
+                stored[0].index_copy_(0, slots, new[0].to(stored[0].dtype))  # head factors [slots, R, G]
+            if is_quantized(kind):
+                rows, scale = quantize(rows, kind)
+                store_rows(kv.scale(part), slots, scale, factored)
+            store_rows(stored[-1], slots, rows, factored)
 
     def decode(self, q: torch.Tensor, kv: LayerKV, pool: PoolMetadata, meta: AttentionMetadata, scale: float):
         D = q.shape[0]
@@ -67,7 +81,7 @@ class ReferenceBackend:
         args = (kv, table, pool.first_key_pos[seq : seq + 1], meta.positions[None, lo:hi], meta.limits[None, lo:hi],
                 pool.window, pool.block_size, scale)
         q = q.transpose(0, 1).unsqueeze(0)  # [1, H, L, d]
-        if kv.spec.k_factored or kv.spec.v_factored:
+        if kv.spec.k_factored or kv.spec.v_factored or kv.spec.quantized:
             out = self.attend(q, *args)
         else:
             out = plain_prefill(q, *args)
@@ -92,8 +106,9 @@ class ReferenceBackend:
         return out.reshape(B, H, L, d).to(q.dtype)
 
     def tile_blocks(self, B: int, H: int, L: int, kv: LayerKV, block_size: int) -> int:
-        """Blocks per tile: the gathered cache and the scores both stay within their budgets."""
-        bytes_per_token = kv.nbytes // kv.k[0].shape[0 if kv.spec.k_factored else 1]
+        """Blocks per tile: the gathered cache (in the model's dtype, as a quantized tile is once read back)
+        and the scores both stay within their budgets."""
+        bytes_per_token = sum(math.prod(shape) for shape in kv.spec.part_shapes()) * kv.spec.dtype.itemsize
         scores_per_token = B * H * L * (kv.spec.k_rank if kv.spec.k_factored else 1)
         tokens = min(self.tile_bytes // (B * bytes_per_token), self.tile_scores // scores_per_token)
         return max(1, tokens // block_size)
@@ -142,9 +157,9 @@ def masked_scores(q, kv: LayerKV, blocks, first_pos, offset, q_pos, limits, wind
     B, G = q.shape[:2]
     T = blocks.shape[1] * block_size
     if kv.spec.k_factored and not dense:
-        s = factor_scores(q, kv.k, blocks, block_size).view(B, G, -1, L, T)
+        s = factor_scores(q, kv, "k", blocks, block_size).view(B, G, -1, L, T)
     else:  # group-major: a view, no copy
-        k = rebuild(kv.k, blocks, block_size) if dense else gather_plain(kv.k[0], blocks, block_size)
+        k = rebuild(kv, "k", blocks, block_size) if dense else plain_tile(kv, "k", blocks, block_size)
         s = torch.matmul(q.transpose(0, 1), k.transpose(-1, -2)).view(G, B, -1, L, T).transpose(0, 1)
     visible = key_visibility(first_pos, offset, T, q_pos, limits, window)
     return (s.float() * scale).masked_fill(~visible[:, None, None], float("-inf"))
@@ -164,20 +179,47 @@ def gather_factor(store: torch.Tensor, blocks: torch.Tensor, block_size: int) ->
     return tile.view(blocks.shape[0], -1, R, width)
 
 
-def rebuild(parts: tuple[torch.Tensor, torch.Tensor], blocks, block_size) -> torch.Tensor:
+def store_rows(store: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor, factored: bool) -> None:
+    """New rows into their slots: token factors [N, R, w] into [slots, R, w], plain [N, G, w] into [G, slots, w]."""
+    if factored:
+        store.index_copy_(0, slots, rows.to(store.dtype))
+    else:
+        store.index_copy_(1, slots, rows.transpose(0, 1).to(store.dtype))
+
+
+def plain_tile(kv: LayerKV, part: str, blocks, block_size) -> torch.Tensor:
+    """[G, B, T, d] in the model's dtype: a plain part's rows of the tile, dequantized if stored quantized."""
+    rows = gather_plain((kv.k if part == "k" else kv.v)[0], blocks, block_size)
+    kind = kv.spec.cache_dtype(part)
+    if not is_quantized(kind):
+        return rows
+    return dequantize(rows, gather_plain(kv.scale(part), blocks, block_size), kind, kv.spec.dtype)
+
+
+def token_tile(kv: LayerKV, part: str, blocks, block_size) -> torch.Tensor:
+    """[B, T, R, d] in the model's dtype: a factored part's token factors of the tile, dequantized if stored
+    quantized."""
+    rows = gather_factor((kv.k if part == "k" else kv.v)[1], blocks, block_size)
+    kind = kv.spec.cache_dtype(part)
+    if not is_quantized(kind):
+        return rows
+    return dequantize(rows, gather_factor(kv.scale(part), blocks, block_size), kind, kv.spec.dtype)
+
+
+def rebuild(kv: LayerKV, part: str, blocks, block_size) -> torch.Tensor:
     """[G, B, T, d]: one tile's keys (or values) rebuilt from its factors, sum_r a[t, r, g] b[t, r]."""
-    a = gather_factor(parts[0], blocks, block_size)  # [B, T, R, G]
-    b = gather_factor(parts[1], blocks, block_size)  # [B, T, R, d]
+    a = gather_factor((kv.k if part == "k" else kv.v)[0], blocks, block_size)  # [B, T, R, G]
+    b = token_tile(kv, part, blocks, block_size)  # [B, T, R, d]
     return (a.unsqueeze(-1) * b.unsqueeze(-2)).sum(2).permute(2, 0, 1, 3).contiguous()
 
 
-def factor_scores(q, parts: tuple[torch.Tensor, torch.Tensor], blocks, block_size) -> torch.Tensor:
+def factor_scores(q, kv: LayerKV, part: str, blocks, block_size) -> torch.Tensor:
     """[B, G, M, T]: all query heads against the token factors in one product, then the head factors."""
-    head, token = parts
     B, G, M, d = q.shape
-    R = token.shape[1]
-    b = gather_factor(token, blocks, block_size).view(B, -1, d)  # [B, T*R, d]
-    a = gather_factor(head, blocks, block_size)  # [B, T, R, G]
+    token = token_tile(kv, part, blocks, block_size)  # [B, T, R, d]
+    R = token.shape[2]
+    b = token.view(B, -1, d)  # [B, T*R, d]
+    a = gather_factor((kv.k if part == "k" else kv.v)[0], blocks, block_size)  # [B, T, R, G]
     qb = torch.matmul(q.view(B, G * M, d), b.transpose(1, 2)).view(B, G, M, -1, R)
     a = a.permute(0, 3, 1, 2).unsqueeze(2)  # [B, G, 1, T, R]
     if R == 1:
@@ -189,13 +231,13 @@ def tile_values(p: torch.Tensor, kv: LayerKV, blocks, block_size, dense: bool = 
     """sum_t p[.., t] V[t] for one tile. p: [B, G, H/G, L, T] float32; returns float32 [B, G, H/G, L, d]."""
     B, G, Hg, L, T = p.shape
     if kv.spec.v_factored and not dense:
-        head, token = kv.v
-        R, d = token.shape[1:]
-        b = gather_factor(token, blocks, block_size).view(B, T * R, d)
-        a = gather_factor(head, blocks, block_size).permute(0, 3, 1, 2)  # [B, G, T, R]
+        token = token_tile(kv, "v", blocks, block_size)  # [B, T, R, d]
+        R, d = token.shape[2:]
+        b = token.view(B, T * R, d)
+        a = gather_factor(kv.v[0], blocks, block_size).permute(0, 3, 1, 2)  # [B, G, T, R]
         pa = (p.unsqueeze(-1) * a[:, :, None, None]).to(b.dtype).reshape(B, G * Hg * L, T * R)
         return torch.matmul(pa, b).float().view(B, G, Hg, L, d)
-    v = rebuild(kv.v, blocks, block_size) if dense else gather_plain(kv.v[0], blocks, block_size)
+    v = rebuild(kv, "v", blocks, block_size) if dense else plain_tile(kv, "v", blocks, block_size)
     d = v.shape[-1]
     pg = p.transpose(0, 1).reshape(G, B, Hg * L, T).to(v.dtype)
     return torch.matmul(pg, v).float().view(G, B, Hg, L, d).transpose(0, 1)

@@ -1,0 +1,136 @@
+"""Cache storage in 8 and 4 bits: what a stored row is, and how it is written and read back.
+
+A cache dtype applies to one part (keys or values) of every layer:
+    auto       the model's dtype, as before
+    int8       symmetric int8, one scale per row: x ~ q * s, s = max|x| / 127
+    fp8_e4m3   float8 e4m3 (stored as its bytes), one scale per row: s = max|x| / 448, so a row's largest
+               number lands on e4m3's largest; never an uncalibrated scale of 1
+    int4       symmetric 4-bit, one scale per group of INT4_GROUP numbers: s = max|x| / 7, q + 8 in a nibble,
+               two numbers per byte (element 2i in the low nibble, 2i + 1 in the high one)
+A row is what the cache holds contiguously along the head dimension: one token's keys of one kv head (plain
+parts) or one token factor of one rank (factored parts). Head factors (R x G numbers per token) stay in the
+model's dtype: they are a few bytes per token, and they scale every head's share of a rank.
+
+Scales are float16, stored in the same paged slots as the data ([G, slots, groups] or [slots, R, groups]), so
+blocks, the block manager and the capacity report count them as the data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+CACHE_DTYPES = ("auto", "int8", "fp8_e4m3", "int4")
+ALIASES = {"fp8": "fp8_e4m3"}
+INT4_GROUP = 32  # numbers per int4 scale
+SCALE_DTYPE = torch.float16
+QMAX = {"int8": 127.0, "fp8_e4m3": 448.0, "int4": 7.0}
+
+
+def parse_cache_dtype(name: str) -> str:
+    """The canonical name of a cache dtype (fp8 is fp8_e4m3), or a ValueError that lists the choices."""
+    canonical = ALIASES.get(name, name)
+    if canonical not in CACHE_DTYPES:
+        raise ValueError(f"unknown cache dtype {name!r}; choose one of {', '.join(CACHE_DTYPES + tuple(ALIASES))}")
+    if canonical == "fp8_e4m3" and not hasattr(torch, "float8_e4m3fn"):
+        raise ValueError(f"fp8_e4m3 needs a torch build with float8 (this is torch {torch.__version__}); "
+                         "use int8, which costs the same bytes")
+    return canonical
+
+
+@dataclass(frozen=True)
+class KVCacheDtype:
+    """How keys and values are stored: a cache dtype each (see the module's docstring)."""
+
+    k: str = "auto"
+    v: str = "auto"
+
+    @classmethod
+    def parse(cls, k: str | None = None, v: str | None = None) -> KVCacheDtype:
+        """From --kv-cache-dtype and --v-cache-dtype: values default to the keys' dtype."""
+        k = parse_cache_dtype(k or "auto")
+        return cls(k, parse_cache_dtype(v) if v else k)
+
+    @property
+    def quantized(self) -> bool:
+        return self != AUTO
+
+    def name(self) -> str:
+        return self.k if self.k == self.v else f"k {self.k}, v {self.v}"
+
+
+AUTO = KVCacheDtype()
+
+
+def is_quantized(kind: str) -> bool:
+    return kind != "auto"
+
+
+def group_size(kind: str, width: int) -> int:
+    """Numbers per scale: the whole row in 8 bits; INT4_GROUP (or the whole row, if it does not divide) in 4."""
+    if kind == "int4" and width % INT4_GROUP == 0:
+        return INT4_GROUP
+    return width
+
+
+def num_groups(kind: str, width: int) -> int:
+    return width // group_size(kind, width)
+
+
+def stored_width(kind: str, width: int) -> int:
+    """Elements per stored row: int4 packs two numbers per byte."""
+    if kind == "int4":
+        if width % 2:
+            raise ValueError(f"an int4 cache needs an even head dimension, not {width}")
+        return width // 2
+    return width
+
+
+def storage_dtype(kind: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The torch dtype of the stored data: fp8 is kept as its bytes (uint8), since not every device copies
+    float8 tensors by index."""
+    return {"auto": model_dtype, "int8": torch.int8, "fp8_e4m3": torch.uint8, "int4": torch.uint8}[kind]
+
+
+def quantize(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows x [..., width] -> (data [..., stored_width], scales [..., groups] float16). The scale is rounded to
+    float16 before the numbers are divided by it, so reading back multiplies by the very scale they saw."""
+    width = x.shape[-1]
+    g = group_size(kind, width)
+    rows = x.float().reshape(*x.shape[:-1], width // g, g)
+    scale = (rows.abs().amax(-1, keepdim=True) / QMAX[kind]).to(SCALE_DTYPE)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale)).float()
+    scaled = rows / safe
+    if kind == "fp8_e4m3":
+        data = scaled.clamp(-QMAX[kind], QMAX[kind]).to(torch.float8_e4m3fn).view(torch.uint8)
+    else:
+        q = scaled.round().clamp(-QMAX[kind], QMAX[kind])
+        data = q.to(torch.int8) if kind == "int8" else pack_int4(q)
+    return data.reshape(*x.shape[:-1], stored_width(kind, width)), scale.squeeze(-1)
+
+
+def dequantize(data: torch.Tensor, scale: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
+    """(data [..., stored_width], scales [..., groups]) -> rows [..., width] in dtype."""
+    if kind == "fp8_e4m3":
+        values = data.view(torch.float8_e4m3fn).float()
+    elif kind == "int8":
+        values = data.float()
+    else:
+        values = unpack_int4(data)
+    groups = scale.shape[-1]
+    values = values.view(*values.shape[:-1], groups, -1) * scale.float().unsqueeze(-1)
+    return values.view(*values.shape[:-2], -1).to(dtype)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Integers in [-7, 7], [..., n] -> bytes [..., n / 2]: q[2i] + 8 in the low nibble, q[2i + 1] + 8 high."""
+    nibbles = (q.reshape(*q.shape[:-2], -1) + 8).to(torch.uint8)
+    return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+
+
+def unpack_int4(data: torch.Tensor) -> torch.Tensor:
+    """Bytes [..., n / 2] -> float32 integers [..., n] in [-8, 7]."""
+    low = (data & 0xF).float() - 8
+    high = (data >> 4).float() - 8
+    return torch.stack((low, high), dim=-1).view(*data.shape[:-1], -1)
