@@ -19,7 +19,7 @@ from tpa_model.cache.backends import BACKENDS, make_backend
 from tpa_model.checkpoints.loader import load_model
 from tpa_model.checkpoints.named_models import DEFAULT_MODEL, KNOWN_MODELS, resolve_model
 from tpa_model.checkpoints.safetensors_files import CheckpointError
-from tpa_model.cli import add_model_args, resolve_dtype
+from tpa_model.cli import add_cache_dtype_args, add_model_args, resolve_dtype
 from tpa_model.model.image_processing import ImageError, load_image
 from tpa_model.sampling import SamplingParams
 from tpa_model.tokenizers.gemma_tokenizer import ChatTemplateError
@@ -47,12 +47,14 @@ MODEL_HELP = (f"a Hugging Face directory (Gemma 3 or Llama), a .gguf file, a TPA
               f"{', '.join(KNOWN_MODELS)} (default: {DEFAULT_MODEL})")
 
 
-def one_request_engine(model, tokenizer, max_tokens: int, prompt_len_hint: int) -> LLMEngine:
+def one_request_engine(model, tokenizer, max_tokens: int, prompt_len_hint: int, kv_cache_dtype: str = "auto",
+                       v_cache_dtype: str | None = None) -> LLMEngine:
     """An engine whose cache holds exactly one request of up to the model length (at most what it needs)."""
     block_size = 16
     longest = min(model.config.max_position_embeddings, prompt_len_hint + max_tokens)
     config = EngineConfig(block_size=block_size, max_num_seqs=1, max_model_len=longest,
-                          num_blocks=-(-longest // block_size) + 1)
+                          num_blocks=-(-longest // block_size) + 1, kv_cache_dtype=kv_cache_dtype,
+                          v_cache_dtype=v_cache_dtype)
     return LLMEngine(model, tokenizer, config)
 
 
@@ -71,6 +73,7 @@ def generate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pan-and-scan", action="store_true", help="add pan-and-scan crops of wide images")
     parser.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     add_model_args(parser)
+    add_cache_dtype_args(parser)
     args = parser.parse_args(argv)
     try:
         path = resolve_model(args.model)
@@ -88,7 +91,8 @@ def generate_main(argv: list[str] | None = None) -> int:
             images = [load_image(f) for f in args.image]
             inputs = build_chat_inputs(tokenizer, model.vision_config, messages, images, args.pan_and_scan)
         prompt_ids = inputs.token_ids
-        engine = one_request_engine(model, tokenizer, args.max_tokens, len(prompt_ids))
+        engine = one_request_engine(model, tokenizer, args.max_tokens, len(prompt_ids), args.kv_cache_dtype,
+                                    args.v_cache_dtype)
         t0 = time.perf_counter()
         text, out = run_engine(engine, prompt_ids, inputs.pixel_values, args)
         elapsed = time.perf_counter() - t0
@@ -107,6 +111,7 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     add_model_args(p)
+    add_cache_dtype_args(p)
     p.add_argument("--max-num-seqs", type=int, default=64, help="most sequences decoded together")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
     p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output (default: model's)")
@@ -266,7 +271,8 @@ def build_server(args: argparse.Namespace):
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         cache_memory_gib=args.cache_memory, prefix_caching=not args.no_prefix_caching,
         attention_backend=args.attention_backend, gpu_memory_utilization=args.gpu_memory_utilization,
-        cuda_graphs=False if args.enforce_eager else None,
+        cuda_graphs=False if args.enforce_eager else None, kv_cache_dtype=args.kv_cache_dtype,
+        v_cache_dtype=args.v_cache_dtype,
     )
     engine = LLMEngine(model, tokenizer, config)
     async_engine = AsyncEngine(engine, max_waiting=args.max_waiting)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .cache.quantization import KVCacheDtype, parse_cache_dtype
 from .checkpoints.loader import load_model, save_model
 from .checkpoints.named_models import resolve_model
 from .checkpoints.provenance import healing_fields, quality_fields, record
@@ -45,6 +46,26 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="default: bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--k-rank", type=rank_arg, default=None, help="key rank (default: exact)")
     parser.add_argument("--v-rank", type=rank_arg, default=None, help="value rank (default: exact)")
+
+
+def cache_dtype_arg(value: str) -> str:
+    try:
+        return parse_cache_dtype(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_cache_dtype_args(parser: argparse.ArgumentParser) -> None:
+    """--kv-cache-dtype and --v-cache-dtype, as vLLM names the first: how the KV cache stores keys and values."""
+    parser.add_argument("--kv-cache-dtype", type=cache_dtype_arg, default="auto",
+                        help="how the KV cache stores keys (and values, unless --v-cache-dtype): auto (the model's "
+                             "dtype), int8, fp8_e4m3 (alias fp8) or int4; default %(default)s")
+    parser.add_argument("--v-cache-dtype", type=cache_dtype_arg, default=None,
+                        help="how the KV cache stores values (default: as --kv-cache-dtype)")
+
+
+def resolve_cache_dtype(args: argparse.Namespace) -> KVCacheDtype:
+    return KVCacheDtype.parse(args.kv_cache_dtype, args.v_cache_dtype)
 
 
 def resolve_dtype(args: argparse.Namespace) -> torch.dtype:

@@ -39,7 +39,7 @@ def generate(
     ids = torch.tensor([list(p) for p in prompts], dtype=torch.long, device=model.device)
     B, L = ids.shape
     cache = ContiguousKVCache(model.config, B, L + max_new_tokens, model.dtype, model.device,
-                              backend=default_backend(model.device))
+                              backend=default_backend(model.device), cache_dtype=model.kv_cache_dtype)
     generators = [make_generator(None if params.seed is None else params.seed + b, model.device) for b in range(B)]
     stops = set(stop_token_ids)
     outputs: list[list[int]] = [[] for _ in range(B)]

@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 import torch
 
 from tpa_model.cache.metadata import image_spans
+from tpa_model.cache.quantization import KVCacheDtype
 from tpa_model.checkpoints.provenance import summary as quality_summary
+from tpa_model.evaluation.cache_dtype_costs import describe as describe_cache_dtype
 from tpa_model.model.decoder import GemmaTPAModel
 from tpa_model.sampling import ParamError, SamplingParams, make_generator, sample, token_logprobs
 from tpa_model.tokenizers.gemma_tokenizer import GemmaTokenizer
@@ -61,6 +63,8 @@ class EngineConfig:
     num_blocks: int | dict[str, int] | None = None  # exact pool sizes (tests), by pool name; overrides memory
     prefix_caching: bool = True
     attention_backend: str = "auto"  # auto: triton on CUDA when it imports, else reference
+    kv_cache_dtype: str = "auto"  # how keys are stored: auto (the model's dtype), int8, fp8_e4m3 (fp8), int4
+    v_cache_dtype: str | None = None  # how values are stored; None: as the keys
     cuda_graphs: bool | None = None  # None: decode steps from CUDA graphs where they work; False: eager
 
 
@@ -76,7 +80,8 @@ class LLMEngine:
         cache_bytes = int(cfg.cache_memory_gib * 2**30) if cfg.cache_memory_gib else None
         self.runner = ModelRunner(model, cfg.block_size, self.max_model_len, cfg.max_num_seqs,
                                   cfg.max_num_batched_tokens, cache_bytes, cfg.num_blocks, cfg.attention_backend,
-                                  cfg.gpu_memory_utilization, cfg.cuda_graphs)
+                                  cfg.gpu_memory_utilization, cfg.cuda_graphs,
+                                  KVCacheDtype.parse(cfg.kv_cache_dtype, cfg.v_cache_dtype))
         self.managers = {
             pool: BlockManager(blocks, cfg.block_size, window, cfg.prefix_caching)
             for pool, (window, blocks) in self.runner.pools.items()
@@ -91,7 +96,9 @@ class LLMEngine:
             self.managers, cfg.block_size, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len
         )
         log.info("%s", self.capacity.format())
-        log.info("%s", quality_summary(getattr(model, "provenance", None), self.is_exact))
+        cache_dtype = KVCacheDtype.parse(cfg.kv_cache_dtype, cfg.v_cache_dtype)
+        cache = describe_cache_dtype(text, cache_dtype) if cache_dtype.quantized else None
+        log.info("%s", quality_summary(getattr(model, "provenance", None), self.is_exact, cache))
         self.eos_ids = frozenset(tokenizer.stop_token_ids) | frozenset(text.eos_token_id)
         self.never_sampled = self._never_sampled_ids()
         self.structured = StructuredOutputs(tokenizer, text.vocab_size, self.eos_ids)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,12 +31,20 @@ class LLM:
         v_rank: int | str | None = None,
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
+        kv_cache_dtype: str | None = None,
+        v_cache_dtype: str | None = None,
         engine_config: EngineConfig | None = None,
     ):
+        """kv_cache_dtype, v_cache_dtype: how the KV cache stores keys and values (auto, int8, fp8_e4m3, int4);
+        given here, they override engine_config's."""
         self.model_path = resolve_model(model_path)  # None: the default model; or a known model's name
         model = load_model(self.model_path, k_rank=k_rank, v_rank=v_rank, dtype=dtype, device=device)
         self.tokenizer = load_tokenizer(self.model_path)
-        self.engine = LLMEngine(model, self.tokenizer, engine_config)
+        config = engine_config or EngineConfig()
+        if kv_cache_dtype is not None or v_cache_dtype is not None:
+            config = dataclasses.replace(config, kv_cache_dtype=kv_cache_dtype or config.kv_cache_dtype,
+                                         v_cache_dtype=v_cache_dtype or config.v_cache_dtype)
+        self.engine = LLMEngine(model, self.tokenizer, config)
         self._ids = itertools.count()
 
     def encode(self, prompt: Prompt) -> PromptInputs:

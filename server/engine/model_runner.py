@@ -17,6 +17,7 @@ from tpa_model.cache.backends import make_backend
 from tpa_model.cache.capacity import CacheLayout, CapacityReport, capacity_report, tpa_layout
 from tpa_model.cache.kv_cache import KVCache
 from tpa_model.cache.metadata import AttentionMetadata, build_metadata
+from tpa_model.cache.quantization import AUTO, KVCacheDtype
 from tpa_model.model.decoder import GemmaTPAModel
 
 from .cuda_graphs import DecodeGraphs, graph_batch_sizes
@@ -165,9 +166,10 @@ class ModelRunner:
         attention_backend: str = "auto",
         gpu_memory_utilization: float = 0.9,
         cuda_graphs: bool | None = None,
+        cache_dtype: KVCacheDtype = AUTO,
     ):
         self.model = model
-        self.layout: CacheLayout = tpa_layout(model.config, model.dtype, block_size)
+        self.layout: CacheLayout = tpa_layout(model.config, model.dtype, block_size, cache_dtype)
         self.backend = make_backend(attention_backend, model.device)
         graphs = self.use_graphs(cuda_graphs)
         if num_blocks is None:

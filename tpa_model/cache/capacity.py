@@ -15,6 +15,7 @@ import torch
 
 from ..model.config import TextConfig
 from .kv_cache import CacheSpec, group_pools, layer_cache_specs, max_blocks_per_seq, pool_block_bytes, standard_specs
+from .quantization import AUTO, KVCacheDtype
 
 
 @dataclass
@@ -54,18 +55,22 @@ class CacheLayout:
         return {p: sessions * per_session[p] + extra[p] for p in per_session}, int(sessions)
 
 
-def tpa_layout(config: TextConfig, dtype: torch.dtype, block_size: int = 16) -> CacheLayout:
-    specs = layer_cache_specs(config, dtype)
+def tpa_layout(config: TextConfig, dtype: torch.dtype, block_size: int = 16,
+               cache_dtype: KVCacheDtype = AUTO) -> CacheLayout:
+    specs = layer_cache_specs(config, dtype, cache_dtype)
     layouts = sorted({s.layout for s in specs})
     return CacheLayout("TPA " + " / ".join(layouts), specs, block_size)
 
 
 def standard_layout(
-    config: TextConfig, dtype: torch.dtype, block_size: int = 16, window_freeing: bool = True
+    config: TextConfig, dtype: torch.dtype, block_size: int = 16, window_freeing: bool = True,
+    cache_dtype: KVCacheDtype = AUTO,
 ) -> CacheLayout:
     """A standard paged GQA cache: K and V, [block_size, kv_heads, head_dim] per layer and block."""
-    specs = standard_specs(layer_cache_specs(config, dtype), window_freeing)
+    specs = standard_specs(layer_cache_specs(config, dtype), window_freeing, cache_dtype)
     name = "standard GQA" + (" (window freeing)" if window_freeing else " (no window freeing)")
+    if cache_dtype.quantized:
+        name += f", {cache_dtype.name()}"
     return CacheLayout(name, specs, block_size)
 
 
@@ -78,11 +83,13 @@ class CapacityReport:
     cache_bytes: int
     session_len: int
     sessions: int  # sessions of session_len the pools hold at once
-    standard_sessions: int  # the same for a standard cache planned in the same memory
+    standard_sessions: int  # the same for a standard cache in the model's dtype planned in the same memory
     max_num_seqs: int
     bytes_per_token: float  # one session of session_len, all layers
     bytes_per_token_standard: float
     pools: dict[str, str]  # pool -> what its layers store and how many blocks it has
+    model_dtype: str = "float32"
+    bf16_sessions: int | None = None  # a standard bfloat16 cache in the same memory (None: the model is bf16)
 
     @property
     def engine_limit(self) -> int:
@@ -90,15 +97,21 @@ class CapacityReport:
         return min(self.sessions, self.max_num_seqs)
 
     def format(self) -> str:
-        ratio = self.sessions / self.standard_sessions if self.standard_sessions else float("inf")
         pools = "; ".join(f"{name}: {desc}" for name, desc in self.pools.items())
+        bf16 = ""
+        if self.bf16_sessions is not None:
+            bf16 = f" and {self.bf16_sessions} for a bfloat16 one (x{ratio(self.sessions, self.bf16_sessions)})"
         return (
             f"KV cache: {self.cache_bytes / 2**30:.3f} GiB ({pools}); it holds {self.sessions} sessions of "
             f"{self.session_len} tokens at once, against {self.standard_sessions} for a standard GQA cache "
-            f"in the same memory (x{ratio:.2f}; {self.bytes_per_token:.0f} vs {self.bytes_per_token_standard:.0f} "
-            f"bytes per token); with --max-num-seqs {self.max_num_seqs} the engine runs up to "
-            f"{self.engine_limit} such sessions at once"
+            f"in {self.model_dtype} in the same memory (x{ratio(self.sessions, self.standard_sessions)}; "
+            f"{self.bytes_per_token:.0f} vs {self.bytes_per_token_standard:.0f} bytes per token){bf16}; "
+            f"with --max-num-seqs {self.max_num_seqs} the engine runs up to {self.engine_limit} such sessions at once"
         )
+
+
+def ratio(sessions: int, baseline: int) -> str:
+    return f"{sessions / baseline:.2f}" if baseline else "inf"
 
 
 def capacity_report(
@@ -110,6 +123,12 @@ def capacity_report(
     extra = {p: n - need[p] for p, n in layout.session_blocks(session_len, chunk).items()}
     sessions = min((num_blocks[p] - extra[p]) // need[p] for p in need)
     standard = CacheLayout("standard", standard_specs(layout.specs), layout.block_size)
+    model_dtype = layout.specs[0].dtype
+    bf16 = None
+    if model_dtype != torch.bfloat16:
+        bf16_layout = CacheLayout("standard bf16", standard_specs(layout.specs, dtype=torch.bfloat16),
+                                  layout.block_size)
+        bf16 = sessions_in_memory(bf16_layout, total, session_len, chunk)
     pools = {
         p.name: f"{p.layouts[0] if len(p.layouts) == 1 else f'{len(p.layouts)} layouts (ranks per layer)'}, "
                 f"{'window ' + str(p.window) if p.window else 'full context'}, "
@@ -125,4 +144,6 @@ def capacity_report(
         bytes_per_token=layout.session_bytes(session_len) / session_len,
         bytes_per_token_standard=standard.session_bytes(session_len) / session_len,
         pools=pools,
+        model_dtype=str(model_dtype).removeprefix("torch."),
+        bf16_sessions=bf16,
     )

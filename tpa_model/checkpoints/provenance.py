@@ -52,10 +52,13 @@ def healing_fields(report) -> dict[str, Any]:
     }
 
 
-def summary(provenance: dict[str, Any] | None, exact: bool) -> str:
-    """One line for the start-up log: how the model was made and its measured quality cost."""
-    if exact and not provenance:
+def summary(provenance: dict[str, Any] | None, exact: bool, cache: str | None = None) -> str:
+    """One line for the start-up log: how the model was made and its measured quality cost; `cache` says what
+    a quantized KV cache costs (evaluation.cache_dtype_costs.describe), None when the cache is not quantized."""
+    if exact and not provenance and cache is None:
         return "quality: exact (full rank everywhere: the original model's outputs)"
+    if exact and not provenance:
+        return f"quality: full rank everywhere; {cache}"
     provenance = provenance or {}
     parts = []
     conversion = provenance.get("conversion")
@@ -73,4 +76,6 @@ def summary(provenance: dict[str, Any] | None, exact: bool) -> str:
         )
     else:
         parts.append("quality not measured (tpa-convert --evaluate measures it)")
+    if cache is not None:
+        parts.append(cache)
     return "quality: " + "; ".join(parts)

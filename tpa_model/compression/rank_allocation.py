@@ -87,7 +87,8 @@ def _kl_with_one_reduction(model, ids, reference, attn_inputs, residual, layer: 
     model.config = config.with_layer_ranks(ranks, config.tpa.q_rank)
     try:
         B, L = ids.shape
-        cache = ContiguousKVCache(model.config, B, L, model.dtype, model.device, backend=default_backend(model.device))
+        cache = ContiguousKVCache(model.config, B, L, model.dtype, model.device, backend=default_backend(model.device),
+                                  cache_dtype=model.kv_cache_dtype)
         meta = cache.step(L)
         hidden = model.decode_layers(residual, meta.positions, meta, start=layer)
         return kl_divergence(reference, model.logits(hidden).view(B, L, -1).float())

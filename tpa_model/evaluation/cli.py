@@ -16,7 +16,7 @@ from pathlib import Path
 from ..checkpoints.loader import load_model
 from ..checkpoints.named_models import resolve_model
 from ..checkpoints.safetensors_files import CheckpointError
-from ..cli import DTYPES, add_model_args, resolve_dtype
+from ..cli import DTYPES, add_cache_dtype_args, add_model_args, resolve_cache_dtype, resolve_dtype
 from ..tokenizers.hf_tokenizer import load_tokenizer
 from .quality import DEFAULT_DEPTHS, METRIC_LABELS, evaluate, frontier_points, plot_frontier, project_layer
 from .texts import TextsUnavailable
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--candidate", default=None,
                         help="a converted checkpoint (default: --model converted on load to --k-rank/--v-rank)")
     add_model_args(parser)
+    add_cache_dtype_args(parser)
     parser.add_argument("--eval-tokens", type=int, default=4096,
                         help="predicted tokens for perplexity and KL (default %(default)s)")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per evaluation sequence (default %(default)s)")
@@ -50,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--session-len", type=int, default=None,
                         help="session length for the cache bytes (default: the context, at most 32768)")
     parser.add_argument("--cache-dtype", choices=sorted(DTYPES), default="bfloat16",
-                        help="dtype of the cache bytes (default %(default)s)")
+                        help="dtype of the cache bytes counted for an auto cache and for the standard cache the "
+                             "fraction is of (default %(default)s)")
     parser.add_argument("--json", type=Path, default=None, help="write the report as JSON")
     parser.add_argument("--png", type=Path, default=None, help="draw the report on a quality/cache-size frontier")
     parser.add_argument("--png-metric", choices=sorted(METRIC_LABELS), default="perplexity",
@@ -72,6 +74,9 @@ def load_pair(args: argparse.Namespace):
         candidate = load_model(resolve_model(args.candidate), k_rank=args.k_rank, v_rank=args.v_rank, dtype=dtype,
                                device=args.device)
         name = args.candidate
+    candidate.kv_cache_dtype = resolve_cache_dtype(args)
+    if candidate.kv_cache_dtype.quantized:
+        name += f", cache {candidate.kv_cache_dtype.name()}"
     return original, candidate, load_tokenizer(source), name
 
 

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cache.capacity import standard_layout, tpa_layout
+from ..cache.quantization import AUTO, KVCacheDtype
 from ..compression.convert import head_basis, head_covariance
 from ..generation import generate
 from ..model.attention import FactorProjection
@@ -114,6 +115,7 @@ class QualityReport:
     bytes_per_token_candidate: float
     bytes_per_token_standard: float  # a standard GQA cache (with window freeing) of the same model
     layer_kl: list[float] | None = None  # per-layer sensitivity: KL with only that layer reduced
+    kv_cache_dtype: str = "auto"  # how the candidate's cache stores keys and values (quantization.py)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
 
     @property
@@ -162,8 +164,8 @@ class QualityReport:
         return rows
 
     def format(self) -> str:
-        head = [f"{self.candidate} (k_rank {self.k_rank}, v_rank {self.v_rank} of {self.kv_heads} kv heads) "
-                f"against {self.original}",
+        head = [f"{self.candidate} (k_rank {self.k_rank}, v_rank {self.v_rank} of {self.kv_heads} kv heads, "
+                f"cache {self.kv_cache_dtype}) against {self.original}",
                 f"held-out text: {self.text_source}, {self.eval_tokens} tokens in {self.eval_sequences} sequences"]
         table = [("metric", "original", "candidate", "")] + self.rows()
         widths = [max(len(r[i]) for r in table) for i in range(3)]
@@ -455,9 +457,11 @@ def layer_sensitivity(original: GemmaTPAModel, reduce_layer: Callable[[GemmaTPAM
 # -- the report --------------------------------------------------------------------------------------------
 
 
-def cache_bytes_per_token(config, session_len: int, dtype: torch.dtype) -> tuple[float, float]:
-    """(this model's cache, a standard cache of the same model) in bytes per token of one session."""
-    tpa = tpa_layout(config, dtype).session_bytes(session_len)
+def cache_bytes_per_token(config, session_len: int, dtype: torch.dtype,
+                          cache_dtype: KVCacheDtype = AUTO) -> tuple[float, float]:
+    """(this model's cache, stored as cache_dtype says, and a standard cache of the same model in dtype) in
+    bytes per token of one session."""
+    tpa = tpa_layout(config, dtype, cache_dtype=cache_dtype).session_bytes(session_len)
     standard = standard_layout(config, dtype).session_bytes(session_len)
     return tpa / session_len, standard / session_len
 
@@ -490,8 +494,8 @@ def _check_pair(original: GemmaTPAModel, candidate: GemmaTPAModel) -> None:
 
 
 def _cache_figures(original, candidate, session_len: int, dtype: torch.dtype) -> dict:
-    orig, standard = cache_bytes_per_token(original.config, session_len, dtype)
-    cand, _ = cache_bytes_per_token(candidate.config, session_len, dtype)
+    orig, standard = cache_bytes_per_token(original.config, session_len, dtype, original.kv_cache_dtype)
+    cand, _ = cache_bytes_per_token(candidate.config, session_len, dtype, candidate.kv_cache_dtype)
     return {"session_len": session_len, "cache_dtype": str(dtype).removeprefix("torch."),
             "bytes_per_token_original": orig, "bytes_per_token_candidate": cand, "bytes_per_token_standard": standard}
 
@@ -499,7 +503,8 @@ def _cache_figures(original, candidate, session_len: int, dtype: torch.dtype) ->
 def _describe(original, candidate, text_source: str) -> dict:
     cfg = candidate.config
     return {"original": _name(original), "candidate": _name(candidate), "kv_heads": cfg.num_key_value_heads,
-            "k_rank": cfg.k_rank, "v_rank": cfg.v_rank, "text_source": text_source}
+            "k_rank": cfg.k_rank, "v_rank": cfg.v_rank, "text_source": text_source,
+            "kv_cache_dtype": candidate.kv_cache_dtype.name()}
 
 
 def _eval_documents(documents: Sequence[str] | None, text_source: str | None) -> tuple[list[str], str]:
@@ -583,7 +588,7 @@ def frontier_points(reports: Iterable[QualityReport], metric: str = "kl", with_o
     """(cache fraction of a standard cache, metric, "k2 v1") per report, sorted by cache size; with_original
     adds the original itself (its own cache fraction, the metric of a model against itself)."""
     reports = list(reports)
-    points = {(r.cache_fraction, r.metric(metric), f"k{r.k_rank} v{r.v_rank}") for r in reports}
+    points = {(r.cache_fraction, r.metric(metric), point_label(r)) for r in reports}
     if with_original and reports:
         r = reports[0]
         same = {"perplexity": r.perplexity_original, "perplexity_change": 0.0, "kl": 0.0, "top1_agreement": 1.0,
@@ -591,6 +596,12 @@ def frontier_points(reports: Iterable[QualityReport], metric: str = "kl", with_o
                 "passkey_accuracy": r.passkey_accuracy("original")}
         points.add((r.bytes_per_token_original / r.bytes_per_token_standard, same[metric], "original"))
     return sorted(points)
+
+
+def point_label(report: QualityReport) -> str:
+    """"k2 v1", with the cache dtype when it is not the model's: "k2 v1 int8"."""
+    label = f"k{report.k_rank} v{report.v_rank}"
+    return label if report.kv_cache_dtype == "auto" else f"{label} {report.kv_cache_dtype}"
 
 
 def plot_frontier(series: Mapping[str, Sequence[Point]], path: str | Path, *, metric: str = "kl",

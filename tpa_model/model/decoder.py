@@ -9,6 +9,7 @@ from torch import nn
 from ..cache.backends import default_backend
 from ..cache.kv_cache import ContiguousKVCache
 from ..cache.metadata import AttentionMetadata, image_spans
+from ..cache.quantization import AUTO, KVCacheDtype
 from .attention import TPAttention
 from .config import GEMMA3, GLOBAL, SLIDING, TextConfig
 from .layers import GatedMLP, RMSNorm, Rotary, embedding
@@ -67,6 +68,8 @@ class GemmaTPAModel(nn.Module):
     def __init__(self, config: TextConfig, vision: VisionConfig | None = None, image_token_id: int | None = None):
         super().__init__()
         self.config = config
+        # how the contiguous path (model(input_ids), generate()) stores its cache; the engine has its own
+        self.kv_cache_dtype: KVCacheDtype = AUTO
         self.vision_config = vision
         self.image_token_id = image_token_id
         c = config
@@ -170,7 +173,8 @@ class GemmaTPAModel(nn.Module):
     def forward_sequences(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
         """Whole sequences [B, L] -> logits [B, L, vocab], through a cache that lives for this call."""
         B, L = input_ids.shape
-        cache = ContiguousKVCache(self.config, B, L, self.dtype, self.device, backend=default_backend(self.device))
+        cache = ContiguousKVCache(self.config, B, L, self.dtype, self.device, backend=default_backend(self.device),
+                                  cache_dtype=self.kv_cache_dtype)
         images = None
         if self.image_token_id is not None:
             images = [image_spans(row, self.image_token_id) for row in input_ids.tolist()]
