@@ -7,6 +7,7 @@ from server.engine.engine import EngineConfig, LLMEngine
 from tpa_model.cache.backends.reference import ReferenceBackend
 from tpa_model.cache.capacity import sessions_in_memory, standard_layout, tpa_layout
 from tpa_model.cache.kv_cache import ContiguousKVCache, max_blocks_per_seq
+from tpa_model.cache.quantization import KVCacheDtype
 from tpa_model.checkpoints.demo import build_demo
 from tpa_model.checkpoints.loader import load_model
 from tpa_model.model.config import GLOBAL, preset
@@ -71,15 +72,20 @@ def demo_dir(tmp_path_factory):
     return path
 
 
+@pytest.mark.parametrize("cache_dtype", ["auto", "int8", "int8/int4"])
 @pytest.mark.parametrize("ranks", [(None, None), (1, 1)], ids=["standard", "factors"])
-def test_the_capacity_line_is_what_the_engine_admits(demo_dir, ranks):
-    """Fill the cache with sessions that grow to max_model_len in lockstep and count how many reach it together."""
+def test_the_capacity_line_is_what_the_engine_admits(demo_dir, ranks, cache_dtype):
+    """Fill the cache with sessions that grow to max_model_len in lockstep and count how many reach it together;
+    a quantized cache's scales are counted as its data."""
     model = load_model(demo_dir, k_rank=ranks[0], v_rank=ranks[1])
     L, prompt_len = 64, 8
-    layout = tpa_layout(model.config, model.dtype, 4)
+    k, _, v = cache_dtype.partition("/")
+    layout = tpa_layout(model.config, model.dtype, 4, KVCacheDtype.parse(k, v or None))
     memory = int(6.5 * layout.session_bytes(L)) + 8 * sum(layout.block_bytes.values())
     engine = LLMEngine(model, GemmaTokenizer.from_dir(demo_dir), EngineConfig(
-        block_size=4, max_model_len=L, cache_memory_gib=memory / 2**30, max_num_batched_tokens=128))
+        block_size=4, max_model_len=L, cache_memory_gib=memory / 2**30, max_num_batched_tokens=128,
+        kv_cache_dtype=k, v_cache_dtype=v or None))
+    assert engine.runner.kv.total_bytes() <= memory
     sessions = engine.capacity.sessions
     assert sessions == 6 and engine.capacity.engine_limit == 6
     assert f"it holds {sessions} sessions of {L} tokens at once" in engine.capacity.format()
