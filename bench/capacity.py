@@ -68,7 +68,10 @@ def measure_engine(memory_gib: float, session_len: int, ranks: list[str], cache_
         together = 0
         while engine.has_unfinished():
             engine.step()
-            together = max(together, sum(s.num_computed >= session_len - 2 for s in engine.scheduler.running))
+            now = sum(s.num_computed >= session_len - 2 for s in engine.scheduler.running)
+            if together and not now:
+                break  # the first wave has finished: the requests left over run with fewer beside them
+            together = max(together, now)
         rows.append({"rank": rank, "cache_dtype": kv.name(), "sessions": engine.capacity.sessions,
                      "announced": announced, "reached_together": together, "agrees": together == announced,
                      "standard_in_same_memory": engine.capacity.standard_sessions,
