@@ -26,6 +26,7 @@ from tpa_model.cache.backends.reference import ReferenceBackend  # noqa: E402
 from tpa_model.cache.backends.triton_decode import TritonBackend  # noqa: E402
 from tpa_model.cache.kv_cache import CacheSpec, KVCache  # noqa: E402
 from tpa_model.cache.metadata import build_metadata  # noqa: E402
+from tpa_model.cache.quantization import is_quantized, quantize  # noqa: E402
 
 SCALE = 0.3
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
@@ -35,15 +36,30 @@ PRESETS = {"gemma3-1b": (4, 1, 256), "gemma3-4b": (8, 4, 256), "gemma3-12b": (16
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
-def decode_case(H, G, d, ranks, lengths, window=None, block_size=5, dtype=torch.float32, device=DEVICE, seed=0):
-    """A cache holding `lengths` tokens of random entries for each sequence, the metadata of one decode step
-    (each sequence's last token is its query) and its queries."""
+def fill_random(layer, gen: torch.Generator) -> None:
+    """Normal numbers in every slot of a layer; a quantized part's rows (plain rows or token factors) are
+    quantized as the write path does, with their scales."""
+    for part in ("k", "v"):
+        stored, kind = getattr(layer, part), layer.spec.cache_dtype(part)
+        for t in stored[:-1]:  # head factors
+            t.copy_(torch.randn(t.shape, generator=gen))
+        rows = torch.randn(*stored[-1].shape[:-1], layer.spec.head_dim, generator=gen)
+        if is_quantized(kind):
+            rows, scale = quantize(rows, kind)
+            layer.scale(part).copy_(scale)
+        stored[-1].copy_(rows)
+
+
+def decode_case(H, G, d, ranks, lengths, window=None, block_size=5, dtype=torch.float32, device=DEVICE, seed=0,
+                cache_dtypes=("auto", "auto")):
+    """A cache holding `lengths` tokens of random entries for each sequence (keys and values stored as
+    cache_dtypes say), the metadata of one decode step (each sequence's last token is its query) and its
+    queries."""
     gen = torch.Generator().manual_seed(seed)
-    spec = CacheSpec(G, d, min(ranks[0], G), min(ranks[1], G), window, dtype)
+    spec = CacheSpec(G, d, min(ranks[0], G), min(ranks[1], G), window, dtype, *cache_dtypes)
     need = [-(-n // block_size) for n in lengths]
     kv = KVCache([spec], {"global" if window is None else "sliding": sum(need) + 3}, block_size, device)
-    for t in kv.layers[0].tensors():
-        t.copy_(torch.randn(t.shape, generator=gen))
+    fill_random(kv.layers[0], gen)
     order = torch.randperm(sum(need) + 3, generator=gen).tolist()  # shuffled tables, block 0 in use
     tables = []
     for n in need:
@@ -100,6 +116,28 @@ def test_window_equals_reference(ranks, window):
 @pytest.mark.parametrize("ranks", [(2, 1), (4, 4)], ids=["factors", "plain"])
 def test_half_precision_equals_reference(dtype, ranks):
     out, expected = both(decode_case(8, 4, 32, ranks, LENGTHS, window=20, dtype=dtype), SMALL)
+    assert relative_error(out, expected) < TOLERANCE[dtype]
+
+
+# quantized caches, a few cells: (k, v cache dtypes), ranks, head_dim (64: int4 rows of 2 scale groups), window,
+# model dtype. Both backends read the same stored bytes, so they agree as closely as on unquantized caches.
+QUANTIZED = [
+    pytest.param(("int8", "int8"), (3, 3), 16, None, torch.float32, id="int8-plain"),
+    pytest.param(("fp8_e4m3", "fp8_e4m3"), (2, 3), 16, None, torch.float32, id="fp8-factors"),
+    pytest.param(("int4", "int4"), (1, 2), 64, None, torch.float32, id="int4-factors"),
+    pytest.param(("int4", "int4"), (3, 3), 64, 9, torch.float32, id="int4-plain-window"),
+    pytest.param(("int8", "int4"), (1, 3), 64, 9, torch.float32, id="k-int8-factors-v-int4-plain-window"),
+    pytest.param(("fp8_e4m3", "int8"), (3, 1), 32, 20, torch.bfloat16, id="k-fp8-plain-v-int8-factors-bf16"),
+]
+
+
+@pytest.mark.parametrize("cache_dtypes, ranks, d, window, dtype", QUANTIZED)
+def test_quantized_cache_equals_reference(cache_dtypes, ranks, d, window, dtype):
+    """The kernel reads the stored int8, fp8 or int4 rows and scales and dequantizes them in registers."""
+    kv, meta, q = decode_case(9, 3, d, ranks, LENGTHS, window=window, dtype=dtype, cache_dtypes=cache_dtypes)
+    assert kv.layers[0].k[-1].dtype in (torch.int8, torch.uint8) and kv.layers[0].v[-1].dtype in (torch.int8,
+                                                                                                    torch.uint8)
+    out, expected = both((kv, meta, q), SMALL)
     assert relative_error(out, expected) < TOLERANCE[dtype]
 
 
@@ -243,6 +281,25 @@ def test_gpu_real_sizes(preset, dtype, ranks):
         assert relative_error(out, expected) < TOLERANCE[dtype], f"window {window}"
 
 
+CACHE_DTYPE_MIXES = [("int8", "int8"), ("fp8_e4m3", "fp8_e4m3"), ("int4", "int4"), ("int8", "int4")]
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("preset", ["gemma3-12b", "gemma3-27b"])
+@pytest.mark.parametrize("cache_dtypes", CACHE_DTYPE_MIXES, ids="-".join)
+@pytest.mark.parametrize("ranks", [(1, 1), (2, 3), (1000, 1000)], ids=["k1v1", "k2v3", "plain"])
+def test_gpu_quantized_real_sizes(preset, cache_dtypes, ranks):
+    """Quantized caches at real sizes, bf16: the kernels read the stored bytes as the reference does."""
+    H, G, d = PRESETS[preset]
+    lengths = [1, 100, 1037, 4099, 333, 8000]
+    for window in (None, 1024):
+        case = decode_case(H, G, d, ranks, lengths, window=window, block_size=16, dtype=torch.bfloat16,
+                           device="cuda", cache_dtypes=cache_dtypes)
+        out, expected = both(case, TritonBackend())
+        assert relative_error(out, expected) < TOLERANCE[torch.bfloat16], f"window {window}"
+
+
 def greedy_tokens(model, tokenizer, prompts, backend: str, max_tokens: int) -> dict[str, list[int]]:
     from server.engine.engine import EngineConfig, LLMEngine
     from tpa_model.sampling import SamplingParams
@@ -302,7 +359,7 @@ def test_gpu_benchmark_refuses_without_cuda_and_runs_its_smoke_check(capsys):
         assert "needs a CUDA device" in capsys.readouterr().err
     assert bench.main(["--smoke"]) == 0
     table = capsys.readouterr().out
-    assert "standard" in table and "k1 v1" in table
+    assert "standard" in table and "k1 v1" in table and "int4" in table
 
 
 def test_gpu_benchmark_library_layouts_attend_like_the_reference():
@@ -343,14 +400,26 @@ from triton.compiler import ASTSource
 from tpa_model.cache.backends.triton_decode import TritonBackend, decode_split_kernel, merge_kernel, pad
 from tpa_model.cache.kv_cache import CacheSpec
 
-ARGS = dict(q_ptr="*bf16", q_seq_stride="i32", k0_ptr="*bf16", k1_ptr="*bf16", v0_ptr="*bf16", v1_ptr="*bf16",
-            num_slots="i32", table_ptr="*i64", table_stride="i32", first_ptr="*i64", pos_ptr="*i64",
-            limit_ptr="*i64", m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", scale="fp32", window="i32",
-            min_split="i32")
+STORED = {"auto": "*bf16", "int8": "*i8", "fp8_e4m3": "*u8", "int4": "*u8"}
+
+def parts(spec):  # the cache pointers' types, as kernel_parts passes them
+    k, v = STORED[spec.k_cache_dtype], STORED[spec.v_cache_dtype]
+    k0, v0 = ("*bf16" if spec.k_factored else k), ("*bf16" if spec.v_factored else v)
+    return dict(k0_ptr=k0, k1_ptr=k, k_scale_ptr="*fp16" if k != "*bf16" else k, v0_ptr=v0, v1_ptr=v,
+                v_scale_ptr="*fp16" if v != "*bf16" else v, num_slots="i32")
+
+CASES = [(16, 8, 256, 2, 3, "auto", "auto"), (32, 16, 128, 1, 1, "auto", "auto"), (16, 8, 256, 8, 8, "auto", "auto"),
+         (9, 3, 64, 1, 3, "auto", "auto"), (16, 8, 256, 2, 3, "int8", "int4"), (16, 8, 256, 8, 8, "int4", "int8"),
+         (32, 16, 128, 16, 16, "fp8_e4m3", "int4"), (9, 3, 64, 1, 3, "fp8_e4m3", "fp8_e4m3")]
+SPECS = [CacheSpec(G, d, rk, rv, None, torch.bfloat16, k, v) for H, G, d, rk, rv, k, v in CASES]
+HEADS = [case[0] for case in CASES]
+ARGS = dict(q_ptr="*bf16", q_seq_stride="i32", table_ptr="*i64", table_stride="i32", first_ptr="*i64",
+            pos_ptr="*i64", limit_ptr="*i64", m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", scale="fp32",
+            window="i32", min_split="i32")
 target = GPUTarget("cuda", 90, 32)
-for H, G, d, rk, rv in [(16, 8, 256, 2, 3), (32, 16, 128, 1, 1), (16, 8, 256, 8, 8), (9, 3, 64, 1, 3)]:
-    config = TritonBackend().kernel_config(CacheSpec(G, d, rk, rv, None, torch.bfloat16), H, 16)
-    source = ASTSource(decode_split_kernel, ARGS | {k: "constexpr" for k in config}, constexprs=config)
+for spec, H in zip(SPECS, HEADS):
+    config = TritonBackend().kernel_config(spec, H, 16)
+    source = ASTSource(decode_split_kernel, ARGS | parts(spec) | {k: "constexpr" for k in config}, constexprs=config)
     assert triton.compile(source, target=target, options={"num_warps": 8}).asm["cubin"]
 merge = dict(H=16, D=256, BLOCK_T=16, S_BLOCK=16, D_PAD=pad(256))
 args = dict(m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", out_ptr="*bf16", out_seq_stride="i32", first_ptr="*i64",
@@ -358,13 +427,12 @@ args = dict(m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", out_ptr="*bf16", out_
 assert triton.compile(ASTSource(merge_kernel, args | {k: "constexpr" for k in merge}, constexprs=merge),
                       target=target).asm["cubin"]
 from tpa_model.cache.backends.triton_prefill import prefill_config, prefill_kernel
-ARGS = dict(q_ptr="*bf16", q_tok_stride="i32", out_ptr="*bf16", out_tok_stride="i32", k0_ptr="*bf16", k1_ptr="*bf16",
-            v0_ptr="*bf16", v1_ptr="*bf16", num_slots="i32", query_start_ptr="*i64", first_seq="i32",
-            row_offset="i32", table_ptr="*i64", table_stride="i32", first_ptr="*i64", pos_ptr="*i64",
+ARGS = dict(q_ptr="*bf16", q_tok_stride="i32", out_ptr="*bf16", out_tok_stride="i32", query_start_ptr="*i64",
+            first_seq="i32", row_offset="i32", table_ptr="*i64", table_stride="i32", first_ptr="*i64", pos_ptr="*i64",
             limit_ptr="*i64", scale="fp32", window="i32")
-for H, G, d, rk, rv in [(16, 8, 256, 2, 3), (32, 16, 128, 1, 1), (16, 8, 256, 8, 8), (9, 3, 64, 1, 3)]:
-    config = prefill_config(CacheSpec(G, d, rk, rv, None, torch.bfloat16), H, 16)
-    source = ASTSource(prefill_kernel, ARGS | {k: "constexpr" for k in config}, constexprs=config)
+for spec, H in zip(SPECS, HEADS):
+    config = prefill_config(spec, H, 16)
+    source = ASTSource(prefill_kernel, ARGS | parts(spec) | {k: "constexpr" for k in config}, constexprs=config)
     assert triton.compile(source, target=target, options={"num_warps": 8}).asm["cubin"]
 print("compiled")
 """
@@ -372,8 +440,8 @@ print("compiled")
 
 def test_kernels_compile_for_h100():
     """The interpreter does not compile: this compiles the kernels (decode, merge, prefill) for sm_90 (H100)
-    in bf16 down to a cubin with the ptxas that ships with triton, no GPU needed (it caught a global the
-    compiler refuses)."""
+    in bf16, on caches stored in bf16, int8, fp8 and int4, down to a cubin with the ptxas that ships with
+    triton, no GPU needed (it caught a global the compiler refuses)."""
     import subprocess
     import sys
     from pathlib import Path

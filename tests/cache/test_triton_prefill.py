@@ -10,7 +10,17 @@ under 1e-5 in float32 and under 1e-2 in bfloat16 and float16.
 
 import pytest
 import torch
-from test_triton_backend import DEVICE, PRESETS, SCALE, TOLERANCE, needs_cuda, relative_error
+from test_triton_backend import (
+    CACHE_DTYPE_MIXES,
+    DEVICE,
+    PRESETS,
+    QUANTIZED,
+    SCALE,
+    TOLERANCE,
+    fill_random,
+    needs_cuda,
+    relative_error,
+)
 
 from tpa_model.cache.backends import attend
 from tpa_model.cache.backends.reference import ReferenceBackend
@@ -24,15 +34,14 @@ STEP = [(6, 1), (30, 1), (0, 13), (17, 9), (40, 21)]
 
 
 def prefill_case(H, G, d, ranks, step=STEP, window=None, block_size=5, dtype=torch.float32, device=DEVICE, seed=0,
-                 images=None):
-    """A cache of random entries, the metadata of one step whose sequences hold `prefix` cached tokens and
-    compute `new` more, and the step's queries [N, H, d]."""
+                 images=None, cache_dtypes=("auto", "auto")):
+    """A cache of random entries (keys and values stored as cache_dtypes say), the metadata of one step whose
+    sequences hold `prefix` cached tokens and compute `new` more, and the step's queries [N, H, d]."""
     gen = torch.Generator().manual_seed(seed)
-    spec = CacheSpec(G, d, min(ranks[0], G), min(ranks[1], G), window, dtype)
+    spec = CacheSpec(G, d, min(ranks[0], G), min(ranks[1], G), window, dtype, *cache_dtypes)
     need = [-(-(prefix + new) // block_size) for prefix, new in step]
     kv = KVCache([spec], {"global" if window is None else "sliding": sum(need) + 3}, block_size, device)
-    for t in kv.layers[0].tensors():
-        t.copy_(torch.randn(t.shape, generator=gen))
+    fill_random(kv.layers[0], gen)
     order = torch.randperm(sum(need) + 3, generator=gen).tolist()
     tables = []
     for n in need:
@@ -87,6 +96,15 @@ def test_half_precision_equals_reference(dtype, ranks):
     assert relative_error(out, expected) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("cache_dtypes, ranks, d, window, dtype", QUANTIZED)
+def test_quantized_cache_equals_reference(cache_dtypes, ranks, d, window, dtype):
+    """The kernel reads the stored int8, fp8 or int4 rows and scales and dequantizes them in registers, before
+    rebuilding keys and values from factors."""
+    case = prefill_case(9, 3, d, ranks, window=window, dtype=dtype, cache_dtypes=cache_dtypes)
+    out, expected = both(case)
+    assert relative_error(out, expected) < TOLERANCE[dtype]
+
+
 def test_real_head_dim():
     """Gemma 3's head_dim, 256, with 12b's group size."""
     out, expected = both(prefill_case(4, 2, 256, (1, 2), step=[(0, 7), (19, 12)]))
@@ -114,9 +132,11 @@ def test_blocks_outside_the_visible_table_are_never_read():
     assert torch.isfinite(out).all() and relative_error(out, expected) < 1e-5
 
 
-def test_mixed_step_through_attend():
-    """A whole step through `attend` (new entries written, decodes and chunks attended) with either backend."""
-    spec = CacheSpec(3, 16, 2, 1, None, torch.float32)
+@pytest.mark.parametrize("cache_dtypes", [("auto", "auto"), ("int8", "int4")], ids=["auto", "k-int8-v-int4"])
+def test_mixed_step_through_attend(cache_dtypes):
+    """A whole step through `attend` (new entries written, quantized where the cache is, decodes and chunks
+    attended) with either backend."""
+    spec = CacheSpec(3, 16, 2, 1, None, torch.float32, *cache_dtypes)
     starts, lengths = [10, 25, 0, 4], [1, 1, 9, 6]
     tables = [list(range(0, 3)), list(range(3, 10)), [10, 11, 12], [13, 14, 15]]
     outs = []
@@ -149,3 +169,19 @@ def test_gpu_real_sizes(preset, dtype, ranks):
         case = prefill_case(H, G, d, ranks, step=step, window=window, block_size=16, dtype=dtype, device="cuda")
         out, expected = both(case)
         assert relative_error(out, expected) < TOLERANCE[dtype], f"window {window}"
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("preset", ["gemma3-12b", "gemma3-27b"])
+@pytest.mark.parametrize("cache_dtypes", CACHE_DTYPE_MIXES, ids="-".join)
+@pytest.mark.parametrize("ranks", [(1, 1), (2, 3), (1000, 1000)], ids=["k1v1", "k2v3", "plain"])
+def test_gpu_quantized_real_sizes(preset, cache_dtypes, ranks):
+    """Quantized caches at real sizes, bf16: the kernel reads the stored bytes as the reference does."""
+    H, G, d = PRESETS[preset]
+    step = [(100, 1), (0, 700), (1500, 512), (4099, 37)]
+    for window in (None, 1024):
+        case = prefill_case(H, G, d, ranks, step=step, window=window, block_size=16, dtype=torch.bfloat16,
+                            device="cuda", cache_dtypes=cache_dtypes)
+        out, expected = both(case)
+        assert relative_error(out, expected) < TOLERANCE[torch.bfloat16], f"window {window}"

@@ -29,9 +29,14 @@ group are computed together, as the rows of one product.
 
 Numerics follow the reference backend (reference.py): scores are (q . k) * scale with no softcapping, a key
 is visible when its position is <= the query's limit and, on a windowed layer, within `window` positions of
-the query; products accumulate in float32; p (times the value head factor) is cast to the cache dtype before
-its product with the values, as the reference does. New keys and values are written by the reference's
-index_copy_ (one indexed copy per stored tensor). Prefill chunks run on the kernel in triton_prefill.py.
+the query; products accumulate in float32; p (times the value head factor) is cast to the model's dtype
+before its product with the values, as the reference does. New keys and values are written by the reference's
+index_copy_ (one indexed copy per stored tensor), quantized there when a part is stored in 8 or 4 bits
+(quantization.py). Prefill chunks run on the kernel in triton_prefill.py.
+
+A quantized part (int8, fp8_e4m3 or int4 plain rows or token factors) is read in its own bytes: each tile's
+rows are dequantized in registers (q * scale in float32, rounded to the model's dtype as the reference's
+dequantize does) right before their product, so a step reads 1 or 1/2 byte per number plus the scales.
 
 On a CPU the kernels run only under TRITON_INTERPRET=1 (Triton's interpreter, used by the tests).
 """
@@ -54,8 +59,10 @@ from .triton_common import (
     dot_dtype,
     kernel_parts,
     online_softmax_step,
+    operand,
     pad,
     plain_rows,
+    quant_config,
     table_slots,
     token_rows,
 )
@@ -103,14 +110,15 @@ def _split_length(num_keys, S, min_split, BLOCK_T: tl.constexpr):
 @triton.jit(do_not_specialize=["table_stride"])  # the step's table width: one compiled kernel for every width
 def decode_split_kernel(
     q_ptr, q_seq_stride,
-    k0_ptr, k1_ptr, v0_ptr, v1_ptr, num_slots,  # factored: (head, token) factors; plain: (store, unused)
+    k0_ptr, k1_ptr, k_scale_ptr, v0_ptr, v1_ptr, v_scale_ptr, num_slots,  # see kernel_parts
     table_ptr, table_stride, first_ptr, pos_ptr, limit_ptr,
     m_ptr, l_ptr, acc_ptr,  # partial results: [B, H, S], [B, H, S], [B, H, S, d] float32
     scale, window, min_split,
     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, HEADS: tl.constexpr, HEADS_PAD: tl.constexpr,
     D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr,
     K_FACTORED: tl.constexpr, V_FACTORED: tl.constexpr, RK: tl.constexpr, RV: tl.constexpr,
-    CACHE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    K_QUANT: tl.constexpr, K_GROUPS: tl.constexpr, V_QUANT: tl.constexpr, V_GROUPS: tl.constexpr,
+    MODEL_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     head_prog, seq, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     S = tl.num_programs(2)
@@ -130,7 +138,8 @@ def decode_split_kernel(
 
     # a split past the sequence's keys reads nothing and writes nothing (the merge skips it)
     keep = head_ok & (start + 0 * heads < end)
-    q = _load_query(q_ptr, seq, heads, keep, dims, dim_ok, q_seq_stride, D).to(CACHE_DTYPE).to(DOT_DTYPE)
+    q = _load_query(q_ptr, seq, heads, keep, dims, dim_ok, q_seq_stride, D)
+    q = operand(q, MODEL_DTYPE, DOT_DTYPE)
     m = tl.full([HEADS_PAD], NEG, tl.float32)
     l = tl.zeros([HEADS_PAD], tl.float32)
     acc = tl.zeros([HEADS_PAD, D_PAD], tl.float32)
@@ -143,11 +152,13 @@ def decode_split_kernel(
         if K_FACTORED:
             s = tl.zeros([HEADS_PAD, BLOCK_T], tl.float32)
             for r in tl.static_range(RK):
-                b = token_rows(k1_ptr, slots, tok_ok, dims, dim_ok, r, RK, D).to(DOT_DTYPE)
+                b = token_rows(k1_ptr, k_scale_ptr, slots, tok_ok, dims, dim_ok, r, RK, D, D_PAD, K_QUANT, K_GROUPS,
+                               MODEL_DTYPE, DOT_DTYPE)
                 qb = tl.dot(q, tl.trans(b), input_precision=DOT_PRECISION)
                 s += qb * _head_factor(k0_ptr, slots, tok_ok, groups, head_ok, r, RK, G)
         else:
-            k = plain_rows(k0_ptr, group, num_slots, slots, tok_ok, dims, dim_ok, D).to(DOT_DTYPE)
+            k = plain_rows(k0_ptr, k_scale_ptr, group, num_slots, slots, tok_ok, dims, dim_ok, D, D_PAD, K_QUANT,
+                           K_GROUPS, MODEL_DTYPE, DOT_DTYPE)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s = tl.where(tok_ok[None, :], s * scale, float("-inf"))
 
@@ -155,15 +166,17 @@ def decode_split_kernel(
         m, l, p, alpha = online_softmax_step(m, l, s)
         acc = acc * alpha[:, None]
 
-        # values: acc += p V, V rank by rank from its factors (p a_v cast to the cache dtype, as the reference)
+        # values: acc += p V, V rank by rank from its factors (p a_v cast to the model dtype, as the reference)
         if V_FACTORED:
             for r in tl.static_range(RV):
-                b = token_rows(v1_ptr, slots, tok_ok, dims, dim_ok, r, RV, D).to(DOT_DTYPE)
+                b = token_rows(v1_ptr, v_scale_ptr, slots, tok_ok, dims, dim_ok, r, RV, D, D_PAD, V_QUANT, V_GROUPS,
+                               MODEL_DTYPE, DOT_DTYPE)
                 pa = p * _head_factor(v0_ptr, slots, tok_ok, groups, head_ok, r, RV, G)
-                acc += tl.dot(pa.to(CACHE_DTYPE).to(DOT_DTYPE), b, input_precision=DOT_PRECISION)
+                acc += tl.dot(operand(pa, MODEL_DTYPE, DOT_DTYPE), b, input_precision=DOT_PRECISION)
         else:
-            v = plain_rows(v0_ptr, group, num_slots, slots, tok_ok, dims, dim_ok, D).to(DOT_DTYPE)
-            acc += tl.dot(p.to(CACHE_DTYPE).to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+            v = plain_rows(v0_ptr, v_scale_ptr, group, num_slots, slots, tok_ok, dims, dim_ok, D, D_PAD, V_QUANT,
+                           V_GROUPS, MODEL_DTYPE, DOT_DTYPE)
+            acc += tl.dot(operand(p, MODEL_DTYPE, DOT_DTYPE), v, input_precision=DOT_PRECISION)
 
     row = (seq * H + heads) * S + split  # [HEADS_PAD] index into [B, H, S]
     tl.store(m_ptr + row, m, mask=keep)
@@ -237,10 +250,9 @@ class TritonBackend(ReferenceBackend):
         m = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
         l = torch.empty_like(m)
         acc = torch.empty(B, H, S, d, dtype=torch.float32, device=q.device)
-        k0, k1, v0, v1, num_slots = kernel_parts(kv)
         table, window = pool.block_tables, pool.window or 0
         decode_split_kernel[(head_programs, B, S)](
-            q, q.stride(0), k0, k1, v0, v1, num_slots,
+            q, q.stride(0), *kernel_parts(kv),
             table, table.stride(0), pool.first_key_pos, meta.positions, meta.limits,
             m, l, acc, scale, window, min_split, **config, num_warps=8,
         )
@@ -261,7 +273,7 @@ class TritonBackend(ReferenceBackend):
         block_t = self.block_t or (16 if spec.k_factored or spec.v_factored else 32)
         return dict(H=H, G=G, D=d, HEADS=heads, HEADS_PAD=pad(heads), D_PAD=pad(d), BLOCK_SIZE=block_size,
                     BLOCK_T=block_t, K_FACTORED=spec.k_factored, V_FACTORED=spec.v_factored,
-                    RK=spec.k_rank, RV=spec.v_rank, CACHE_DTYPE=TL_DTYPES[spec.dtype],
+                    RK=spec.k_rank, RV=spec.v_rank, **quant_config(spec), MODEL_DTYPE=TL_DTYPES[spec.dtype],
                     DOT_DTYPE=dot_dtype(spec.dtype),
                     DOT_PRECISION="ieee" if spec.dtype == torch.float32 else None)  # ieee: no tf32 in fp32
 
