@@ -2,8 +2,10 @@
 PyTorch reference backend and a standard paged GQA cache read by PyTorch's scaled_dot_product_attention.
 
 One global (full-context) layer at the head shapes of Gemma 3 12b (16 query / 8 kv heads of 256) and 27b
-(32 / 16 of 128), bf16. Every sequence of the batch holds `context` cached tokens in shuffled blocks and
-decodes one query. Sides, each timed with CUDA events (median of several calls after a warm-up):
+(32 / 16 of 128), bf16, with the cache stored in bf16 (auto) or quantized (--cache-dtypes: int8, fp8_e4m3,
+int4; keys and values alike, filled through the write path's quantizer). Every sequence of the batch holds
+`context` cached tokens in shuffled blocks and decodes one query. Sides, each timed with CUDA events (median
+of several calls after a warm-up):
     triton        our kernels (TritonBackend.decode) on each layout: factors kR vR and standard (plain K/V)
     reference     our PyTorch reference backend on the same cache (skipped beyond --reference-max-tokens)
     sdpa paged    a standard paged cache: K and V gathered through the block table, then SDPA (GQA)
@@ -13,14 +15,18 @@ decodes one query. Sides, each timed with CUDA events (median of several calls a
     flash-attn    flash-attn's flash_attn_with_kvcache on a standard cache of 256-token pages (its smallest),
                   when flash_attn imports
 The two libraries read their own layout of the same keys and values (copied once, untimed); each side's output
-is checked against the Triton backend's (max_err) so that a misconfigured call cannot pass as a fast one.
+is checked against the Triton backend's (max_err) so that a misconfigured call cannot pass as a fast one; the
+reference's too, where it runs (reference_max_err). A quantized cell is timed for triton and the reference only
+(the SDPA and library sides read a bf16 cache), and compared with the auto cell of the same layout: x auto is
+the auto cell's triton time over its own, bytes x the ratio of bytes per token.
 Bandwidth: the cache bytes the step must read (bytes per token of the layout x tokens) over the time, as a
 fraction of a measured device-to-device copy (bytes read + written over its time). Targets from issue 11:
 >= 70% of copy bandwidth at long context; beyond 8k tokens, triton on factors faster than sdpa paged by at
 least 0.7 x the ratio of bytes read.
 
 Usage: python bench/gpu/decode_attention.py [--shapes 12b 27b] [--batches 1 8 32 128]
-       [--contexts 1024 8192 32768 131072] [--ranks 1 2 4] [--out bench/results/gpu_decode_attention.json]
+       [--contexts 1024 8192 32768 131072] [--ranks 1 2 4] [--cache-dtypes auto int8 fp8_e4m3 int4]
+       [--out bench/results/gpu_decode_attention.json]
        python bench/gpu/decode_attention.py --smoke   (tiny shapes on the CPU under Triton's interpreter:
                                                        checks the script, measures nothing)
 Needs CUDA (exit 2 without it, unless --smoke).
@@ -43,6 +49,8 @@ SHAPES = {"12b": (16, 8, 256), "27b": (32, 16, 128), "tiny": (4, 2, 16)}  # (que
 BLOCK = 16
 SCALE = 0.0625
 FLASH_ATTN_PAGE = 256  # flash-attn's paged KV needs pages of a multiple of 256 tokens
+CACHE_DTYPES = ("auto", "int8", "fp8_e4m3", "int4")
+FILL_SLOTS = 1 << 14  # slots quantized at a time when a quantized cache is filled (bounds the float32 copy)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--contexts", nargs="+", type=int, default=[1024, 8192, 32768, 131072])
     p.add_argument("--ranks", nargs="+", type=int, default=[1, 2, 4], help="R_K = R_V of the factor layouts")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--cache-dtypes", nargs="+", default=["auto"], choices=CACHE_DTYPES,
+                   help="how keys and values are stored; quantized cells are compared with the auto cell")
     p.add_argument("--reference-max-tokens", type=int, default=1 << 21,
                    help="skip the reference backend above this many cached tokens in a step (it is slow)")
     p.add_argument("--memory-fraction", type=float, default=0.8, help="of free memory a cell may allocate")
@@ -61,6 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.smoke:
         args.shapes, args.batches, args.contexts, args.ranks, args.dtype = ["tiny"], [2], [40], [1], "float32"
+        args.cache_dtypes = ["auto", "int4"]
     return args
 
 
@@ -100,22 +111,58 @@ def copy_bandwidth(device: torch.device, timer: Timer) -> float | None:
     return 2 * (1 << 30) / (ms * 1e-3)
 
 
-class Cell:
-    """One layer's cache for `batch` sequences of `context` tokens, shuffled block tables, the step's
-    metadata and queries."""
+def cell_spec(shape, ranks, dtype, cache_dtype="auto"):
+    from tpa_model.cache.kv_cache import CacheSpec
 
-    def __init__(self, shape, ranks, batch, context, dtype, device, seed=0):
+    H, G, d = shape
+    return CacheSpec(G, d, min(ranks[0], G), min(ranks[1], G), None, dtype, cache_dtype, cache_dtype)
+
+
+def fill_normal(layer, gen: torch.Generator) -> None:
+    """Normal numbers (std 0.5) in every slot; a quantized part's rows are quantized as the write path does,
+    FILL_SLOTS slots at a time, their scales beside them."""
+    from tpa_model.cache.quantization import is_quantized, quantize
+
+    for part in ("k", "v"):
+        stored, kind = getattr(layer, part), layer.spec.cache_dtype(part)
+        for t in stored[:-1]:  # head factors
+            t.normal_(0, 0.5, generator=gen)
+        if not is_quantized(kind):
+            stored[-1].normal_(0, 0.5, generator=gen)
+            continue
+        data, scale = stored[-1], layer.scale(part)
+        slot_dim = 0 if len(stored) == 2 else 1  # token factors [slots, R, w], plain rows [G, slots, w]
+        for lo in range(0, data.shape[slot_dim], FILL_SLOTS):
+            n = min(FILL_SLOTS, data.shape[slot_dim] - lo)
+            rows_shape = data.narrow(slot_dim, lo, n).shape[:-1]
+            rows = torch.empty(*rows_shape, layer.spec.head_dim, device=data.device).normal_(0, 0.5, generator=gen)
+            q, s = quantize(rows, kind)
+            data.narrow(slot_dim, lo, n).copy_(q)
+            scale.narrow(slot_dim, lo, n).copy_(s)
+
+
+def bytes_per_token(spec) -> int:
+    """A layer's cache bytes per token slot (data, head factors and scales), measured on the meta device."""
+    from tpa_model.cache.kv_cache import LayerKV
+
+    return LayerKV(spec, 1, "meta").nbytes
+
+
+class Cell:
+    """One layer's cache for `batch` sequences of `context` tokens, stored as `cache_dtype` (keys and values),
+    shuffled block tables, the step's metadata and queries."""
+
+    def __init__(self, shape, ranks, batch, context, dtype, device, seed=0, cache_dtype="auto"):
         from tpa_model.cache.backends.reference import ReferenceBackend
-        from tpa_model.cache.kv_cache import CacheSpec, KVCache
+        from tpa_model.cache.kv_cache import KVCache
         from tpa_model.cache.metadata import build_metadata
 
         H, G, d = shape
-        self.spec = CacheSpec(G, d, min(ranks[0], G), min(ranks[1], G), None, dtype)
+        self.spec = cell_spec(shape, ranks, dtype, cache_dtype)
         blocks = -(-context // BLOCK)
         self.kv = KVCache([self.spec], {"global": batch * blocks}, BLOCK, device)
         gen = torch.Generator(device=device).manual_seed(seed)
-        for t in self.kv.layers[0].tensors():
-            t.normal_(0, 0.5, generator=gen)
+        fill_normal(self.kv.layers[0], gen)
         order = torch.randperm(batch * blocks, generator=gen, device=device).view(batch, blocks).tolist()
         self.meta = build_metadata(self.kv, ReferenceBackend(), [context - 1] * batch, [1] * batch, [order],
                                    list(range(batch)), device=device)
@@ -235,12 +282,6 @@ def library_sides(cell: Cell, timer: Timer, expected: torch.Tensor, room: bool) 
     return out
 
 
-def cell_bytes(shape, ranks, batch, context, elt) -> int:
-    H, G, d = shape
-    per_token = sum(r * (G + d) if r < G else G * d for r in ranks)
-    return batch * context * per_token * elt
-
-
 def fits(nbytes: int, device: torch.device, fraction: float) -> bool:
     if device.type != "cuda":
         return True
@@ -248,30 +289,32 @@ def fits(nbytes: int, device: torch.device, fraction: float) -> bool:
     return nbytes <= fraction * free
 
 
-def run_cell(name, shape, layout, batch, context, args, device, dtype, timer, copy_bw) -> dict:
+def run_cell(name, shape, layout, batch, context, args, device, dtype, timer, copy_bw, cache_dtype="auto") -> dict:
     from tpa_model.cache.backends.reference import ReferenceBackend
     from tpa_model.cache.backends.triton_decode import TritonBackend
 
     H, G, d = shape
     ranks = (G, G) if layout == "standard" else (layout, layout)
     row = {"shape": name, "layout": "standard" if layout == "standard" else f"k{layout} v{layout}",
-           "batch": batch, "context": context}
-    elt = torch.finfo(dtype).bits // 8
-    standard = layout == "standard"
-    # a standard cell also holds a gathered copy for sdpa paged and a contiguous one for sdpa static
-    need = cell_bytes(shape, ranks, batch, context, elt) * (3 if standard else 1)
+           "cache_dtype": cache_dtype, "batch": batch, "context": context}
+    # a standard bf16 cell also holds a gathered copy for sdpa paged and a contiguous one for sdpa static
+    with_sdpa = layout == "standard" and cache_dtype == "auto"
+    cache = batch * -(-context // BLOCK) * BLOCK * bytes_per_token(cell_spec(shape, ranks, dtype, cache_dtype))
+    need = cache * (3 if with_sdpa else 1)
     if not fits(need, device, args.memory_fraction):
         return row | {"skipped": f"needs {need / 2**30:.1f} GiB"}
-    cell = Cell(shape, ranks, batch, context, dtype, device)
+    cell = Cell(shape, ranks, batch, context, dtype, device, cache_dtype=cache_dtype)
     row["bytes_per_token"] = cell.bytes_per_token
     triton_step = cell.decode(TritonBackend())
     row["triton_ms"] = timer(triton_step)
     if cell.tokens <= args.reference_max_tokens:
-        row["reference_ms"] = timer(cell.decode(ReferenceBackend()))
-    if standard:
+        reference_step = cell.decode(ReferenceBackend())
+        row["reference_max_err"] = (reference_step().float() - triton_step().float()).abs().max().item()
+        row["reference_ms"] = timer(reference_step)
+    if with_sdpa:
         row |= sdpa_sides(cell, timer, static=fits(need, device, args.memory_fraction))
         # flash-attn's copy is made through a gathered one: two more caches at once, at most
-        room = fits(cell_bytes(shape, ranks, batch, context, elt) * 2, device, args.memory_fraction)
+        room = fits(cache * 2, device, args.memory_fraction)
         row |= library_sides(cell, timer, triton_step(), room)
     seconds = row["triton_ms"] * 1e-3
     row["triton_gbps"] = cell.tokens * cell.bytes_per_token / seconds / 1e9
@@ -283,9 +326,17 @@ def run_cell(name, shape, layout, batch, context, args, device, dtype, timer, co
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Per factor row: speed-up over sdpa paged and over the faster library at the same cell, and the ratio of
-    bytes read."""
-    standard = {(r["shape"], r["batch"], r["context"]): r for r in rows if r["layout"] == "standard"}
+    """Per quantized row: speed-up over the auto (bf16) cell of the same layout, and the ratio of bytes read.
+    Per factor row: speed-up over sdpa paged and over the faster library at the same cell (its standard bf16
+    cache), and the ratio of bytes read (a quantized factor row's own ratios are then the ones over auto)."""
+    auto = {(r["shape"], r["layout"], r["batch"], r["context"]): r for r in rows if r["cache_dtype"] == "auto"}
+    for r in rows:
+        a = auto.get((r["shape"], r["layout"], r["batch"], r["context"]))
+        if r["cache_dtype"] != "auto" and a and "triton_ms" in r and "triton_ms" in a:
+            r["speedup_vs_auto"] = a["triton_ms"] / r["triton_ms"]
+            r["bytes_ratio_vs_auto"] = a["bytes_per_token"] / r["bytes_per_token"]
+    standard = {(r["shape"], r["batch"], r["context"]): r for r in rows
+                if r["layout"] == "standard" and r["cache_dtype"] == "auto"}
     for r in rows:
         s = standard.get((r["shape"], r["batch"], r["context"]))
         if r["layout"] == "standard" or not s or "triton_ms" not in r or "sdpa_paged_ms" not in s:
@@ -303,21 +354,25 @@ def fmt(x, spec=".3f") -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'shape':>5} {'layout':>9} {'batch':>5} {'context':>7} {'triton':>9} {'reference':>9} "
+    print(f"{'shape':>5} {'layout':>9} {'kv':>8} {'batch':>5} {'context':>7} {'triton':>9} {'reference':>9} "
           f"{'sdpa pg':>9} {'sdpa st':>9} {'flashinf':>9} {'flash-at':>9} {'GB/s':>7} {'of copy':>7} "
-          f"{'x sdpa':>6} {'x lib':>6} {'bytes x':>7}")
+          f"{'x sdpa':>6} {'x lib':>6} {'bytes x':>7} {'x auto':>6} {'bytes xa':>8}")
     for r in rows:
+        head = f"{r['shape']:>5} {r['layout']:>9} {r['cache_dtype']:>8} {r['batch']:>5} {r['context']:>7}"
         if "skipped" in r:
-            print(f"{r['shape']:>5} {r['layout']:>9} {r['batch']:>5} {r['context']:>7} skipped: {r['skipped']}")
+            print(f"{head} skipped: {r['skipped']}")
             continue
-        print(f"{r['shape']:>5} {r['layout']:>9} {r['batch']:>5} {r['context']:>7} {fmt(r['triton_ms']):>9} "
+        print(f"{head} {fmt(r['triton_ms']):>9} "
               f"{fmt(r.get('reference_ms')):>9} {fmt(r.get('sdpa_paged_ms')):>9} {fmt(r.get('sdpa_static_ms')):>9} "
               f"{fmt(r.get('flashinfer_ms')):>9} {fmt(r.get('flash_attn_ms')):>9} "
               f"{fmt(r['triton_gbps'], '.0f'):>7} {fmt(r.get('fraction_of_copy'), '.2f'):>7} "
               f"{fmt(r.get('speedup_vs_sdpa_paged'), '.2f'):>6} {fmt(r.get('speedup_vs_library'), '.2f'):>6} "
-              f"{fmt(r.get('bytes_ratio'), '.1f'):>7}")
-    print("times in ms per layer and step; GB/s: cache bytes read by triton / its time; of copy: that over a "
-          "device-to-device copy's bandwidth; x lib: over the faster of flashinfer and flash-attn")
+              f"{fmt(r.get('bytes_ratio'), '.1f'):>7} {fmt(r.get('speedup_vs_auto'), '.2f'):>6} "
+              f"{fmt(r.get('bytes_ratio_vs_auto'), '.2f'):>8}")
+    print("times in ms per layer and step; kv: how the cache is stored; GB/s: cache bytes read by triton / its "
+          "time; of copy: that over a device-to-device copy's bandwidth; x lib: over the faster of flashinfer and "
+          "flash-attn; x sdpa, bytes x: against the standard bf16 cache; x auto, bytes xa: against the auto "
+          "(bf16) cell of the same layout")
     reasons = {f"{name}: {r[name + '_skipped']}" for r in rows for name in LIBRARIES if name + "_skipped" in r}
     for reason in sorted(reasons):
         print("skipped", reason)
@@ -343,15 +398,16 @@ def main(argv=None) -> int:
         for context in args.contexts:
             for batch in args.batches:
                 for layout in ["standard", *args.ranks]:
-                    rows.append(run_cell(name, SHAPES[name], layout, batch, context, args, device, dtype, timer,
-                                         copy_bw))
-                    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+                    for cache_dtype in args.cache_dtypes:
+                        rows.append(run_cell(name, SHAPES[name], layout, batch, context, args, device, dtype, timer,
+                                             copy_bw, cache_dtype))
+                        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     add_ratios(rows)
     print_table(rows)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
     result = {"device": device_name, "torch": torch.__version__, "triton": triton.__version__,
-              "dtype": args.dtype, "block_size": BLOCK, "copy_gbps": copy_bw and copy_bw / 1e9, "smoke": args.smoke,
-              "rows": rows}
+              "dtype": args.dtype, "cache_dtypes": args.cache_dtypes, "block_size": BLOCK,
+              "copy_gbps": copy_bw and copy_bw / 1e9, "smoke": args.smoke, "rows": rows}
     out = args.out or (None if args.smoke else ROOT / "bench/results/gpu_decode_attention.json")
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
