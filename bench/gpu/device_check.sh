@@ -24,14 +24,14 @@ timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu -k "not real_models"
     tests/engine/test_structured.py \
     2>&1 | tee "$results/gpu_tests.log"
 
-timeout 120 python3 bench/gpu/decode_attention.py --shapes 12b 27b --batches 1 32 128 \
+timeout 100 python3 bench/gpu/decode_attention.py --shapes 12b 27b --batches 1 32 128 \
     --contexts 1024 8192 32768 131072 --ranks 1 2 --out "$results/gpu_decode_attention.json" \
     2>&1 | tee "$results/gpu_decode_attention.log"
 
-timeout 60 python3 bench/gpu/decode_attention.py --shapes 12b 27b --batches 32 --contexts 32768 --ranks 1 \
+timeout 50 python3 bench/gpu/decode_attention.py --shapes 12b 27b --batches 32 --contexts 32768 --ranks 1 \
     --cache-dtypes auto int8 fp8_e4m3 int4 --out "$results/gpu_decode_attention_quantized.json" \
     2>&1 | tee "$results/gpu_decode_attention_quantized.log"
 
-timeout 180 python3 bench/gpu/serving_throughput.py --models 12b --contexts 8192 32768 --max-sessions 64 \
+timeout 170 python3 bench/gpu/serving_throughput.py --models 12b --contexts 8192 32768 --max-sessions 64 \
     --max-tokens 32 --no-vllm --out "$results/gpu_serving_throughput.json" \
     2>&1 | tee "$results/gpu_serving_throughput.log"
