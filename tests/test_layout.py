@@ -145,6 +145,13 @@ def test_tpa_model_modules_live_in_rooms():
     assert rooms == ["cache", "checkpoints", "compression", "evaluation", "model", "tokenizers"]
 
 
+def test_test_files_have_unique_names():
+    """Test folders are not packages, so pytest imports each test file by its bare name: two files of one name
+    in different folders would collide."""
+    names = [p.name for p in (ROOT / "tests").rglob("test_*.py")]
+    assert sorted(n for n in set(names) if names.count(n) > 1) == []
+
+
 def test_public_names_from_the_package():
     import tpa_model
 
