@@ -112,15 +112,33 @@ def quantize(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dequantize(data: torch.Tensor, scale: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
     """(data [..., stored_width], scales [..., groups]) -> rows [..., width] in dtype."""
-    if kind == "fp8_e4m3":
-        values = data.view(torch.float8_e4m3fn).float()
-    elif kind == "int8":
-        values = data.float()
-    else:
-        values = unpack_int4(data)
+    values = stored_values(data, kind)
     groups = scale.shape[-1]
     values = values.view(*values.shape[:-1], groups, -1) * scale.float().unsqueeze(-1)
     return values.view(*values.shape[:-2], -1).to(dtype)
+
+
+def stored_values(data: torch.Tensor, kind: str) -> torch.Tensor:
+    """The stored numbers before their scales, float32 [..., width]. fp8 bytes and int4 byte pairs are read
+    through a 256-entry table (a gather), several times faster on a CPU than a float8 cast or nibble
+    arithmetic, and the same numbers."""
+    if kind == "int8":
+        return data.float()
+    table = _tables(data.device)[kind]
+    values = table.index_select(0, data.reshape(-1).int())
+    return values.view(*data.shape[:-1], -1)
+
+
+_TABLES: dict[torch.device, dict[str, torch.Tensor]] = {}
+
+
+def _tables(device: torch.device) -> dict[str, torch.Tensor]:
+    """Per device: every byte as an e4m3 number [256], and as its two int4 numbers (low, high) [256, 2]."""
+    if device not in _TABLES:
+        byte = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+        _TABLES[device] = {"fp8_e4m3": byte.view(torch.float8_e4m3fn).float().to(device),
+                           "int4": unpack_int4(byte.view(256, 1)).view(256, 2).to(device)}
+    return _TABLES[device]
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

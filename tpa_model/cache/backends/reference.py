@@ -14,9 +14,11 @@ queries share every key, so there a tile's keys and values are rebuilt from thei
 key, against M R d for attending on factors with M queries), one tile at a time.
 
 A quantized part (int8, fp8, int4: quantization.py) is quantized once, when its token is written, and read
-back tile by tile: each tile's rows are dequantized to the model's dtype after they are gathered, so the
-whole context is never dequantized at once (prefill chunks on a quantized plain cache take the tiled path
-too, not the fused kernel over the whole visible context).
+back tile by tile, so the whole context is never dequantized at once (prefill chunks on a quantized plain
+cache take the tiled path too, not the fused kernel over the whole visible context). A row with one scale
+(int8, fp8) enters the products as its stored numbers, and its scale multiplies what the row produced: the
+scores of a key, the probabilities of a value (or the head factors that weigh a token factor), T numbers per
+row instead of T x d. int4 rows, with a scale per 32 numbers, are dequantized before the products.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 
 from ..kv_cache import LayerKV
 from ..metadata import AttentionMetadata, PoolMetadata
-from ..quantization import dequantize, is_quantized, quantize
+from ..quantization import dequantize, is_quantized, quantize, stored_values
 
 TILE_BYTES = 4 << 20  # cache bytes gathered per tile
 TILE_SCORES = 8 << 20  # score elements per tile
@@ -157,12 +159,18 @@ def masked_scores(q, kv: LayerKV, blocks, first_pos, offset, q_pos, limits, wind
     B, G = q.shape[:2]
     T = blocks.shape[1] * block_size
     if kv.spec.k_factored and not dense:
-        s = factor_scores(q, kv, "k", blocks, block_size).view(B, G, -1, L, T)
+        s = factor_scores(q, kv, "k", blocks, block_size).view(B, G, -1, L, T).float()
+    elif dense:
+        k = rebuild(kv, "k", blocks, block_size)
+        s = torch.matmul(q.transpose(0, 1), k.transpose(-1, -2)).float().view(G, B, -1, L, T).transpose(0, 1)
     else:  # group-major: a view, no copy
-        k = rebuild(kv, "k", blocks, block_size) if dense else plain_tile(kv, "k", blocks, block_size)
-        s = torch.matmul(q.transpose(0, 1), k.transpose(-1, -2)).view(G, B, -1, L, T).transpose(0, 1)
+        k, row_scale = plain_tile(kv, "k", blocks, block_size)
+        s = torch.matmul(q.transpose(0, 1), k.transpose(-1, -2)).float()  # [G, B, M, T]
+        if row_scale is not None:
+            s = s * row_scale.unsqueeze(2)
+        s = s.view(G, B, -1, L, T).transpose(0, 1)
     visible = key_visibility(first_pos, offset, T, q_pos, limits, window)
-    return (s.float() * scale).masked_fill(~visible[:, None, None], float("-inf"))
+    return (s * scale).masked_fill(~visible[:, None, None], float("-inf"))
 
 
 def gather_plain(store: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -187,39 +195,53 @@ def store_rows(store: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor, fac
         store.index_copy_(1, slots, rows.transpose(0, 1).to(store.dtype))
 
 
-def plain_tile(kv: LayerKV, part: str, blocks, block_size) -> torch.Tensor:
-    """[G, B, T, d] in the model's dtype: a plain part's rows of the tile, dequantized if stored quantized."""
+def plain_tile(kv: LayerKV, part: str, blocks, block_size) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A plain part's rows of the tile, [G, B, T, d] in the model's dtype, and the scale of each row [G, B, T]
+    (float32) that the caller applies to what the row produces; None when the rows come dequantized."""
     rows = gather_plain((kv.k if part == "k" else kv.v)[0], blocks, block_size)
     kind = kv.spec.cache_dtype(part)
     if not is_quantized(kind):
-        return rows
-    return dequantize(rows, gather_plain(kv.scale(part), blocks, block_size), kind, kv.spec.dtype)
+        return rows, None
+    return read_rows(rows, gather_plain(kv.scale(part), blocks, block_size), kind, kv.spec.dtype)
 
 
-def token_tile(kv: LayerKV, part: str, blocks, block_size) -> torch.Tensor:
-    """[B, T, R, d] in the model's dtype: a factored part's token factors of the tile, dequantized if stored
-    quantized."""
+def token_tile(kv: LayerKV, part: str, blocks, block_size) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A factored part's token factors of the tile, [B, T, R, d] in the model's dtype, and each one's scale
+    [B, T, R] (float32) for the caller to apply; None when the rows come dequantized."""
     rows = gather_factor((kv.k if part == "k" else kv.v)[1], blocks, block_size)
     kind = kv.spec.cache_dtype(part)
     if not is_quantized(kind):
-        return rows
-    return dequantize(rows, gather_factor(kv.scale(part), blocks, block_size), kind, kv.spec.dtype)
+        return rows, None
+    return read_rows(rows, gather_factor(kv.scale(part), blocks, block_size), kind, kv.spec.dtype)
+
+
+def read_rows(data: torch.Tensor, scale: torch.Tensor, kind: str, dtype: torch.dtype):
+    """(stored numbers, row scale) for rows with one scale; (dequantized rows, None) for grouped ones."""
+    if scale.shape[-1] == 1:
+        return stored_values(data, kind).to(dtype), scale[..., 0].float()
+    return dequantize(data, scale, kind, dtype), None
+
+
+def head_factors(kv: LayerKV, part: str, blocks, block_size, row_scale: torch.Tensor | None) -> torch.Tensor:
+    """[B, T, R, G]: the tile's head factors, times each token factor's scale when it is applied here."""
+    a = gather_factor((kv.k if part == "k" else kv.v)[0], blocks, block_size)
+    return a if row_scale is None else a * row_scale.unsqueeze(-1).to(a.dtype)
 
 
 def rebuild(kv: LayerKV, part: str, blocks, block_size) -> torch.Tensor:
     """[G, B, T, d]: one tile's keys (or values) rebuilt from its factors, sum_r a[t, r, g] b[t, r]."""
-    a = gather_factor((kv.k if part == "k" else kv.v)[0], blocks, block_size)  # [B, T, R, G]
-    b = token_tile(kv, part, blocks, block_size)  # [B, T, R, d]
+    b, row_scale = token_tile(kv, part, blocks, block_size)  # [B, T, R, d]
+    a = head_factors(kv, part, blocks, block_size, row_scale)  # [B, T, R, G]
     return (a.unsqueeze(-1) * b.unsqueeze(-2)).sum(2).permute(2, 0, 1, 3).contiguous()
 
 
 def factor_scores(q, kv: LayerKV, part: str, blocks, block_size) -> torch.Tensor:
     """[B, G, M, T]: all query heads against the token factors in one product, then the head factors."""
     B, G, M, d = q.shape
-    token = token_tile(kv, part, blocks, block_size)  # [B, T, R, d]
+    token, row_scale = token_tile(kv, part, blocks, block_size)  # [B, T, R, d]
     R = token.shape[2]
     b = token.view(B, -1, d)  # [B, T*R, d]
-    a = gather_factor((kv.k if part == "k" else kv.v)[0], blocks, block_size)  # [B, T, R, G]
+    a = head_factors(kv, part, blocks, block_size, row_scale)  # [B, T, R, G]
     qb = torch.matmul(q.view(B, G * M, d), b.transpose(1, 2)).view(B, G, M, -1, R)
     a = a.permute(0, 3, 1, 2).unsqueeze(2)  # [B, G, 1, T, R]
     if R == 1:
@@ -231,16 +253,21 @@ def tile_values(p: torch.Tensor, kv: LayerKV, blocks, block_size, dense: bool = 
     """sum_t p[.., t] V[t] for one tile. p: [B, G, H/G, L, T] float32; returns float32 [B, G, H/G, L, d]."""
     B, G, Hg, L, T = p.shape
     if kv.spec.v_factored and not dense:
-        token = token_tile(kv, "v", blocks, block_size)  # [B, T, R, d]
+        token, row_scale = token_tile(kv, "v", blocks, block_size)  # [B, T, R, d]
         R, d = token.shape[2:]
         b = token.view(B, T * R, d)
-        a = gather_factor(kv.v[0], blocks, block_size).permute(0, 3, 1, 2)  # [B, G, T, R]
+        a = head_factors(kv, "v", blocks, block_size, row_scale).permute(0, 3, 1, 2)  # [B, G, T, R]
         pa = (p.unsqueeze(-1) * a[:, :, None, None]).to(b.dtype).reshape(B, G * Hg * L, T * R)
         return torch.matmul(pa, b).float().view(B, G, Hg, L, d)
-    v = rebuild(kv, "v", blocks, block_size) if dense else plain_tile(kv, "v", blocks, block_size)
+    if dense:
+        v, row_scale = rebuild(kv, "v", blocks, block_size), None
+    else:
+        v, row_scale = plain_tile(kv, "v", blocks, block_size)
     d = v.shape[-1]
-    pg = p.transpose(0, 1).reshape(G, B, Hg * L, T).to(v.dtype)
-    return torch.matmul(pg, v).float().view(G, B, Hg, L, d).transpose(0, 1)
+    pg = p.transpose(0, 1).reshape(G, B, Hg * L, T)
+    if row_scale is not None:
+        pg = pg * row_scale.unsqueeze(2)  # [G, B, 1, T]
+    return torch.matmul(pg.to(v.dtype), v).float().view(G, B, Hg, L, d).transpose(0, 1)
 
 
 def plain_prefill(q, kv: LayerKV, table, first_pos, q_pos, limits, window, block_size, scale) -> torch.Tensor:
