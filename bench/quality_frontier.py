@@ -289,7 +289,7 @@ def plot_dtype_frontier(reports: dict[str, QualityReport], series: dict[str, tup
     One line per conversion method and cache dtype, each starting from the exact model in that dtype."""
     from matplotlib import image
 
-    methods = {method for method, _ in series.values() if method != EXACT} or {EXACT}
+    methods = {series[name][0] for name in reports} - {EXACT} or {EXACT}
     panels = []
     with tempfile.TemporaryDirectory() as tmp:
         for metric, log_y, what in (("perplexity", True, "perplexity on held-out prose"),
@@ -302,7 +302,7 @@ def plot_dtype_frontier(reports: dict[str, QualityReport], series: dict[str, tup
                     lines.setdefault(label, []).extend(
                         (x, y, point_label(report)) for x, y, *_ in frontier_points([report], metric, False))
             path = plot_frontier(lines, Path(tmp) / f"{metric}.png", metric=metric, log_y=log_y,
-                                 title=f"{model}: {what} (x: bf16 standard cache = 1)")
+                                 title=f"{model}: {what} (bf16 cache = 1)")
             panels.append(image.imread(path))
     width = max(p.shape[1] for p in panels)
     padded = [np.pad(p, ((0, 0), (0, width - p.shape[1]), (0, 0)), constant_values=1.0) for p in panels]
