@@ -28,8 +28,28 @@ MODELS = {
     ("llama", 576, 30, 3, 64): "SmolLM2-135M-Instruct",
 }
 
-# (model, keys' dtype, values' dtype) -> the measured cost, at full rank
-COSTS: dict[tuple[str, str, str], CacheDtypeCost] = {}
+# (model, keys' dtype, values' dtype) -> the measured cost, at full rank. Measured by bench/quality_frontier.py
+# --cache-dtypes (docs/QUALITY.md, "Cache dtypes"): 4,088 tokens of evaluation prose, 2-core x86_64 CPU container,
+# float32 model. Passkey at the longest length measured: SmolLM2 2048 tokens (depths 0.1, 0.5, 0.9), Gemma 3 270M
+# 8192 tokens (depths 0.5, 0.9; its original retrieves none of these keys, so its passkey figure says little).
+COSTS: dict[tuple[str, str, str], CacheDtypeCost] = {
+    ("SmolLM2-135M-Instruct", "int8", "int8"):
+        CacheDtypeCost("SmolLM2-135M-Instruct", 0.00057, 0.00066, "3/3 (original 3/3)"),
+    ("SmolLM2-135M-Instruct", "fp8_e4m3", "fp8_e4m3"):
+        CacheDtypeCost("SmolLM2-135M-Instruct", 0.00466, 0.00427, "3/3 (original 3/3)"),
+    ("SmolLM2-135M-Instruct", "int8", "int4"):
+        CacheDtypeCost("SmolLM2-135M-Instruct", 0.01064, 0.01037, "3/3 (original 3/3)"),
+    ("SmolLM2-135M-Instruct", "int4", "int4"):
+        CacheDtypeCost("SmolLM2-135M-Instruct", 0.11402, 0.12091, "3/3 (original 3/3)"),
+    ("Gemma 3 270M", "int8", "int8"):
+        CacheDtypeCost("Gemma 3 270M", 0.00258, 0.00515, "0/2 (original 0/2)"),
+    ("Gemma 3 270M", "fp8_e4m3", "fp8_e4m3"):
+        CacheDtypeCost("Gemma 3 270M", 0.00567, 0.00452, "1/2 (original 0/2)"),
+    ("Gemma 3 270M", "int8", "int4"):
+        CacheDtypeCost("Gemma 3 270M", 0.01438, 0.01571, "0/2 (original 0/2)"),
+    ("Gemma 3 270M", "int4", "int4"):
+        CacheDtypeCost("Gemma 3 270M", 0.19025, 0.17229, "1/2 (original 0/2)"),
+}
 
 
 def model_name(config) -> str | None:
