@@ -288,6 +288,7 @@ def plot_dtype_frontier(reports: dict[str, QualityReport], series: dict[str, tup
     """One PNG: the perplexity frontier above the passkey one (plot_frontier draws each; the two are stacked).
     One line per conversion method and cache dtype, each starting from the exact model in that dtype."""
     from matplotlib import image
+    from PIL import Image
 
     methods = {series[name][0] for name in reports} - {EXACT} or {EXACT}
     panels = []
@@ -306,7 +307,8 @@ def plot_dtype_frontier(reports: dict[str, QualityReport], series: dict[str, tup
             panels.append(image.imread(path))
     width = max(p.shape[1] for p in panels)
     padded = [np.pad(p, ((0, 0), (0, width - p.shape[1]), (0, 0)), constant_values=1.0) for p in panels]
-    image.imsave(png, np.concatenate(padded, axis=0))
+    rgb = (np.concatenate(padded, axis=0)[..., :3] * 255).round().astype(np.uint8)
+    Image.fromarray(rgb).quantize(colors=64).save(png, optimize=True)  # a few colours: a small file for docs/
     return png
 
 
