@@ -13,6 +13,12 @@ model's dtype: they are a few bytes per token, and they scale every head's share
 
 Scales are float16, stored in the same paged slots as the data ([G, slots, groups] or [slots, R, groups]), so
 blocks, the block manager and the capacity report count them as the data.
+
+int4 rows are stored rotated: x R with R an orthogonal d x d matrix (a normalized Hadamard matrix when d is a
+power of two). A few channels of pretrained keys are many times larger than the rest, and a group's scale
+follows its largest number, so the others lose most of their 15 levels; the rotation spreads every channel
+over all of them. Attention never undoes it on the cache: q . k = (q R) . (k R), and a value's output rotates
+back once per query, o = (sum_t p_t v_t R) R^T (backends.attend does both).
 """
 
 from __future__ import annotations
@@ -65,6 +71,31 @@ AUTO = KVCacheDtype()
 
 def is_quantized(kind: str) -> bool:
     return kind != "auto"
+
+
+def is_rotated(kind: str) -> bool:
+    """Whether rows of this dtype are stored rotated (see the module's docstring)."""
+    return kind == "int4"
+
+
+_ROTATIONS: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def rotation(width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The orthogonal [width, width] matrix rotated rows are stored in: Sylvester's Hadamard matrix divided by
+    sqrt(width) when width is a power of two, else a fixed random orthogonal matrix (QR of a seeded Gaussian)."""
+    key = (width, torch.device(device), dtype)
+    if key not in _ROTATIONS:
+        if width & (width - 1) == 0:
+            h = torch.ones(1, 1, dtype=torch.float64)
+            while h.shape[0] < width:
+                h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+            matrix = h / width**0.5
+        else:
+            gen = torch.Generator().manual_seed(0)
+            matrix, _ = torch.linalg.qr(torch.randn(width, width, generator=gen, dtype=torch.float64))
+        _ROTATIONS[key] = matrix.to(device=device, dtype=dtype)
+    return _ROTATIONS[key]
 
 
 def group_size(kind: str, width: int) -> int:

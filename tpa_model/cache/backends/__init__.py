@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from ..quantization import is_rotated, rotation
+
 if TYPE_CHECKING:
     from ..kv_cache import LayerKV
     from ..metadata import AttentionMetadata, PoolMetadata
@@ -49,8 +51,21 @@ def attend(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """Store one layer's new keys and values, then attend every query of the step. q: [N, H, d]."""
+    """Store one layer's new keys and values, then attend every query of the step. q: [N, H, d]. Keys stored
+    rotated (int4, quantization.py; the write rotates them) meet the queries rotated alike, and values stored
+    rotated give outputs that are rotated back once."""
     kv = meta.kv.layers[layer]
+    spec = kv.spec
+    if is_rotated(spec.k_cache_dtype):
+        q = q @ rotation(spec.head_dim, q.device, q.dtype)
+    if not is_rotated(spec.v_cache_dtype):
+        return attend_stored(kv, q, k, v, meta, scale, layer)
+    return attend_stored(kv, q, k, v, meta, scale, layer) @ rotation(spec.head_dim, q.device, q.dtype).T
+
+
+def attend_stored(kv: LayerKV, q: torch.Tensor, k: tuple[torch.Tensor, ...], v: tuple[torch.Tensor, ...],
+                  meta: AttentionMetadata, scale: float, layer: int) -> torch.Tensor:
+    """attend, on the rows as they are stored."""
     pool = meta.pools[meta.kv.pool_of_layer[layer]]
     backend = meta.backend
     backend.write(kv, pool.slot_mapping, k, v)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..kv_cache import LayerKV
 from ..metadata import AttentionMetadata, PoolMetadata
-from ..quantization import dequantize, is_quantized, quantize, stored_values
+from ..quantization import dequantize, is_quantized, is_rotated, quantize, rotation, stored_values
 
 TILE_BYTES = 4 << 20  # cache bytes gathered per tile
 TILE_SCORES = 8 << 20  # score elements per tile
@@ -45,13 +45,15 @@ class ReferenceBackend:
 
     def write(self, kv: LayerKV, slots: torch.Tensor, k: tuple[torch.Tensor, ...], v: tuple[torch.Tensor, ...]):
         """The new tokens' parts into their slots; a quantized part's rows (plain rows, token factors) are
-        quantized here, once, with their scales written beside them."""
+        quantized here, once, with their scales written beside them (int4 rows rotated first)."""
         for part, stored, new in (("k", kv.k, k), ("v", kv.v, v)):
             factored = len(stored) == 2
             kind = kv.spec.cache_dtype(part)
             rows = new[-1]  # plain [N, G, d], or the token factors [N, R, d]
             if factored:
                 stored[0].index_copy_(0, slots, new[0].to(stored[0].dtype))  # head factors [slots, R, G]
+            if is_rotated(kind):
+                rows = rows @ rotation(rows.shape[-1], rows.device, rows.dtype)
             if is_quantized(kind):
                 rows, scale = quantize(rows, kind)
                 store_rows(kv.scale(part), slots, scale, factored)
