@@ -39,7 +39,8 @@ def test_a_measured_cache_dtype_has_its_row(real, k, v):
     assert cost is not None and cost.model == name
     assert cost is COSTS[(name, k, v)]
     line = describe(config, KVCacheDtype.parse(k, v))
-    assert f"measured on {name}" in line and cost.passkey in line and "docs/QUALITY.md" in line
+    assert f"measured on {name}" in line and (cost.passkey or "passkey not measured") in line
+    assert "docs/QUALITY.md" in line
     assert f"{cost.perplexity_change:+.2%}" in line
 
 
@@ -49,7 +50,7 @@ def test_every_row_names_a_known_model_and_valid_figures():
         assert model in MODELS.values() and cost.model == model
         assert KVCacheDtype.parse(k, v) == KVCacheDtype(k, v) and KVCacheDtype(k, v).quantized
         assert cost.kl >= 0 and -1 < cost.perplexity_change < 10
-        assert "/" in cost.passkey and "(original " in cost.passkey
+        assert cost.passkey is None or ("/" in cost.passkey and "(original " in cost.passkey)
 
 
 def test_an_unknown_shape_is_not_measured(real):

@@ -19,7 +19,7 @@ class CacheDtypeCost:
     model: str
     perplexity_change: float  # candidate / original - 1 on held-out prose
     kl: float  # mean next-token KL(original || candidate), nats per token
-    passkey: str  # "correct/trials" at the longest length measured, candidate (original)
+    passkey: str | None  # "correct/trials" at the longest length measured, candidate (original); None: not measured
 
 
 # (architecture, hidden size, layers, kv heads, head dim) of each measured model
@@ -32,23 +32,25 @@ MODELS = {
 # --cache-dtypes (docs/QUALITY.md, "Cache dtypes"): 4,088 tokens of evaluation prose, 2-core x86_64 CPU container,
 # float32 model. Passkey at the longest length measured: SmolLM2 2048 tokens (depths 0.1, 0.5, 0.9), Gemma 3 270M
 # 8192 tokens (depths 0.5, 0.9; its original retrieves none of these keys, so its passkey figure says little).
+# The int4 rows are those of int4 stored rotated (quantization.py), measured after the others
+# (bench/results/quality/rotated-int4/, docs/QUALITY.md).
 COSTS: dict[tuple[str, str, str], CacheDtypeCost] = {
     ("SmolLM2-135M-Instruct", "int8", "int8"):
         CacheDtypeCost("SmolLM2-135M-Instruct", 0.00057, 0.00066, "3/3 (original 3/3)"),
     ("SmolLM2-135M-Instruct", "fp8_e4m3", "fp8_e4m3"):
         CacheDtypeCost("SmolLM2-135M-Instruct", 0.00466, 0.00427, "3/3 (original 3/3)"),
     ("SmolLM2-135M-Instruct", "int8", "int4"):
-        CacheDtypeCost("SmolLM2-135M-Instruct", 0.01064, 0.01037, "3/3 (original 3/3)"),
+        CacheDtypeCost("SmolLM2-135M-Instruct", 0.01084, 0.0067, "3/3 (original 3/3)"),
     ("SmolLM2-135M-Instruct", "int4", "int4"):
-        CacheDtypeCost("SmolLM2-135M-Instruct", 0.11402, 0.12091, "3/3 (original 3/3)"),
+        CacheDtypeCost("SmolLM2-135M-Instruct", 0.04825, 0.0492, "3/3 (original 3/3)"),
     ("Gemma 3 270M", "int8", "int8"):
         CacheDtypeCost("Gemma 3 270M", 0.00258, 0.00515, "0/2 (original 0/2)"),
     ("Gemma 3 270M", "fp8_e4m3", "fp8_e4m3"):
         CacheDtypeCost("Gemma 3 270M", 0.00567, 0.00452, "1/2 (original 0/2)"),
     ("Gemma 3 270M", "int8", "int4"):
-        CacheDtypeCost("Gemma 3 270M", 0.01438, 0.01571, "0/2 (original 0/2)"),
+        CacheDtypeCost("Gemma 3 270M", 0.01247, 0.0108, None),
     ("Gemma 3 270M", "int4", "int4"):
-        CacheDtypeCost("Gemma 3 270M", 0.19025, 0.17229, "1/2 (original 0/2)"),
+        CacheDtypeCost("Gemma 3 270M", 0.12545, 0.1342, None),
 }
 
 
@@ -74,4 +76,4 @@ def describe(config, cache_dtype: KVCacheDtype) -> str:
     if cost is None:
         return f"{where}: its cost on this model is not measured (tpa-eval --kv-cache-dtype measures it)"
     return (f"{where}: measured on {cost.model}, perplexity {cost.perplexity_change:+.2%} on held-out prose, "
-            f"KL {cost.kl:.4f} nats/token, passkey {cost.passkey} (docs/QUALITY.md)")
+            f"KL {cost.kl:.4f} nats/token, passkey {cost.passkey or 'not measured'} (docs/QUALITY.md)")
