@@ -173,7 +173,7 @@ def test_gpu_real_sizes(preset, dtype, ranks):
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("preset", ["gemma3-12b", "gemma3-27b"])
+@pytest.mark.parametrize("preset", ["gemma3-12b"])  # the 27b shape: by the bf16 tests and the benchmark
 @pytest.mark.parametrize("cache_dtypes", CACHE_DTYPE_MIXES, ids="-".join)
 @pytest.mark.parametrize("ranks", [(1, 1), (2, 3), (1000, 1000)], ids=["k1v1", "k2v3", "plain"])
 def test_gpu_quantized_real_sizes(preset, cache_dtypes, ranks):
