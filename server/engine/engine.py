@@ -78,10 +78,10 @@ class LLMEngine:
         text = model.config
         self.max_model_len = min(cfg.max_model_len or text.max_position_embeddings, text.max_position_embeddings)
         cache_bytes = int(cfg.cache_memory_gib * 2**30) if cfg.cache_memory_gib else None
+        cache_dtype = KVCacheDtype.parse(cfg.kv_cache_dtype, cfg.v_cache_dtype)
         self.runner = ModelRunner(model, cfg.block_size, self.max_model_len, cfg.max_num_seqs,
                                   cfg.max_num_batched_tokens, cache_bytes, cfg.num_blocks, cfg.attention_backend,
-                                  cfg.gpu_memory_utilization, cfg.cuda_graphs,
-                                  KVCacheDtype.parse(cfg.kv_cache_dtype, cfg.v_cache_dtype))
+                                  cfg.gpu_memory_utilization, cfg.cuda_graphs, cache_dtype)
         self.managers = {
             pool: BlockManager(blocks, cfg.block_size, window, cfg.prefix_caching)
             for pool, (window, blocks) in self.runner.pools.items()
@@ -96,7 +96,6 @@ class LLMEngine:
             self.managers, cfg.block_size, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len
         )
         log.info("%s", self.capacity.format())
-        cache_dtype = KVCacheDtype.parse(cfg.kv_cache_dtype, cfg.v_cache_dtype)
         cache = describe_cache_dtype(text, cache_dtype) if cache_dtype.quantized else None
         log.info("%s", quality_summary(getattr(model, "provenance", None), self.is_exact, cache))
         self.eos_ids = frozenset(tokenizer.stop_token_ids) | frozenset(text.eos_token_id)

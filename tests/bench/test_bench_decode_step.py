@@ -39,7 +39,7 @@ def test_quantized_fill_holds_the_auto_cache_quantized(decode_step, hf_causal, k
         assert q.spec.quantized and not a.spec.quantized
         for part in ("k", "v"):
             kind = q.spec.cache_dtype(part)
-            stored_a, stored_q = (a.k, q.k) if part == "k" else (a.v, q.v)
+            stored_a, stored_q = a.stored(part), q.stored(part)
             assert stored_q[-1].dtype in (torch.int8, torch.uint8)
             if len(stored_a) == 2:  # head factors stay in the model's dtype, the same numbers
                 assert torch.equal(stored_a[0], stored_q[0])

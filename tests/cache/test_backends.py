@@ -64,16 +64,11 @@ SPECS = {
 }
 
 
-@pytest.mark.parametrize("ranks", SPECS.values(), ids=SPECS.keys())
-@pytest.mark.parametrize("window", [None, 5])
-@pytest.mark.parametrize("tiles", ["one tile", "one block per tile"])
-def test_mixed_step_equals_dense_attention(ranks, window, tiles):
-    gen = torch.Generator().manual_seed(0)
-    spec = CacheSpec(G, D_HEAD, *ranks, window, torch.float32)
-    kv = KVCache([spec], {"global" if window is None else "sliding": 64}, BLOCK, "cpu")
-    backend = ReferenceBackend() if tiles == "one tile" else ReferenceBackend(tile_bytes=1, tile_scores=1)
-    # (cached tokens, new tokens): three decodes, then prefill chunks (one from scratch, one with an image)
-    steps = [(12, 1), (0, 1), (21, 1), (0, 7), (9, 10)]
+def mixed_step(spec: CacheSpec, backend, steps, gen, image=None):
+    """One step of sequences given as (cached tokens, new tokens), over a paged cache of one layer with shuffled
+    block tables: the cached prefixes are written first, as earlier steps would, then the step attends.
+    Returns (metadata, queries, output, each sequence's (k parts, v parts, dense K, dense V))."""
+    kv = KVCache([spec], {"global" if spec.window is None else "sliding": 64}, BLOCK, "cpu")
     totals = [a + b for a, b in steps]
     tables = tables_for(totals, 64, gen)
     entries = [random_entries(spec, T, gen) for T in totals]
@@ -85,17 +80,29 @@ def test_mixed_step_equals_dense_attention(ranks, window, tiles):
                      for j in range(count))
 
     cached = [a for a, _ in steps]
-    warm = [i for i, a in enumerate(cached) if a]  # write the cached prefixes first, as earlier steps would
+    warm = [i for i, a in enumerate(cached) if a]
     zeros, warm_lengths = [0] * len(warm), [cached[i] for i in warm]
     meta0 = build_metadata(kv, backend, zeros, warm_lengths, [[tables[i] for i in warm]], [])
     backend.write(kv.layers[0], meta0.pools[0].slot_mapping, parts(0, zeros, warm_lengths, warm),
                   parts(1, zeros, warm_lengths, warm))
-
-    image = [[], [], [], [], [(12, 15)]]  # positions 12..14 of the last sequence are one image
     lengths, seqs = [n for _, n in steps], range(len(steps))
     meta = build_metadata(kv, backend, cached, lengths, [tables], [], image)
     q = torch.randn(sum(lengths), H, D_HEAD, generator=gen)
     out = attend(0, q, parts(0, cached, lengths, seqs), parts(1, cached, lengths, seqs), meta, SCALE)
+    return meta, q, out, entries
+
+
+@pytest.mark.parametrize("ranks", SPECS.values(), ids=SPECS.keys())
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("tiles", ["one tile", "one block per tile"])
+def test_mixed_step_equals_dense_attention(ranks, window, tiles):
+    gen = torch.Generator().manual_seed(0)
+    spec = CacheSpec(G, D_HEAD, *ranks, window, torch.float32)
+    backend = ReferenceBackend() if tiles == "one tile" else ReferenceBackend(tile_bytes=1, tile_scores=1)
+    # (cached tokens, new tokens): three decodes, then prefill chunks (one from scratch, one with an image)
+    steps = [(12, 1), (0, 1), (21, 1), (0, 7), (9, 10)]
+    image = [[], [], [], [], [(12, 15)]]  # positions 12..14 of the last sequence are one image
+    meta, q, out, entries = mixed_step(spec, backend, steps, gen, image)
     assert meta.num_decodes == 3
     for i in range(len(steps)):
         lo, hi = meta.query_start[i], meta.query_start[i + 1]

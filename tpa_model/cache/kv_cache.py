@@ -155,6 +155,10 @@ class LayerKV:
         self.k, self.k_scale = part(spec.k_rank, spec.k_factored, spec.k_cache_dtype)
         self.v, self.v_scale = part(spec.v_rank, spec.v_factored, spec.v_cache_dtype)
 
+    def stored(self, part: str) -> tuple[torch.Tensor, ...]:
+        """Part 'k' or 'v': (store,) or (head factors, token factors)."""
+        return self.k if part == "k" else self.v
+
     def scale(self, part: str) -> torch.Tensor | None:
         return self.k_scale if part == "k" else self.v_scale
 

@@ -56,11 +56,12 @@ def attend(
     rotated give outputs that are rotated back once."""
     kv = meta.kv.layers[layer]
     spec = kv.spec
-    if is_rotated(spec.k_cache_dtype):
-        q = q @ rotation(spec.head_dim, q.device, q.dtype)
-    if not is_rotated(spec.v_cache_dtype):
+    rotate_k, rotate_v = is_rotated(spec.k_cache_dtype), is_rotated(spec.v_cache_dtype)
+    if not (rotate_k or rotate_v):
         return attend_stored(kv, q, k, v, meta, scale, layer)
-    return attend_stored(kv, q, k, v, meta, scale, layer) @ rotation(spec.head_dim, q.device, q.dtype).T
+    turn = rotation(spec.head_dim, q.device, q.dtype)
+    out = attend_stored(kv, q @ turn if rotate_k else q, k, v, meta, scale, layer)
+    return out @ turn.T if rotate_v else out
 
 
 def attend_stored(kv: LayerKV, q: torch.Tensor, k: tuple[torch.Tensor, ...], v: tuple[torch.Tensor, ...],

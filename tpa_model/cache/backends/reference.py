@@ -46,7 +46,8 @@ class ReferenceBackend:
     def write(self, kv: LayerKV, slots: torch.Tensor, k: tuple[torch.Tensor, ...], v: tuple[torch.Tensor, ...]):
         """The new tokens' parts into their slots; a quantized part's rows (plain rows, token factors) are
         quantized here, once, with their scales written beside them (int4 rows rotated first)."""
-        for part, stored, new in (("k", kv.k, k), ("v", kv.v, v)):
+        for part, new in (("k", k), ("v", v)):
+            stored = kv.stored(part)
             factored = len(stored) == 2
             kind = kv.spec.cache_dtype(part)
             rows = new[-1]  # plain [N, G, d], or the token factors [N, R, d]
@@ -200,7 +201,7 @@ def store_rows(store: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor, fac
 def plain_tile(kv: LayerKV, part: str, blocks, block_size) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A plain part's rows of the tile, [G, B, T, d] in the model's dtype, and the scale of each row [G, B, T]
     (float32) that the caller applies to what the row produces; None when the rows come dequantized."""
-    rows = gather_plain((kv.k if part == "k" else kv.v)[0], blocks, block_size)
+    rows = gather_plain(kv.stored(part)[0], blocks, block_size)
     kind = kv.spec.cache_dtype(part)
     if not is_quantized(kind):
         return rows, None
@@ -210,7 +211,7 @@ def plain_tile(kv: LayerKV, part: str, blocks, block_size) -> tuple[torch.Tensor
 def token_tile(kv: LayerKV, part: str, blocks, block_size) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A factored part's token factors of the tile, [B, T, R, d] in the model's dtype, and each one's scale
     [B, T, R] (float32) for the caller to apply; None when the rows come dequantized."""
-    rows = gather_factor((kv.k if part == "k" else kv.v)[1], blocks, block_size)
+    rows = gather_factor(kv.stored(part)[1], blocks, block_size)
     kind = kv.spec.cache_dtype(part)
     if not is_quantized(kind):
         return rows, None
@@ -226,7 +227,7 @@ def read_rows(data: torch.Tensor, scale: torch.Tensor, kind: str, dtype: torch.d
 
 def head_factors(kv: LayerKV, part: str, blocks, block_size, row_scale: torch.Tensor | None) -> torch.Tensor:
     """[B, T, R, G]: the tile's head factors, times each token factor's scale when it is applied here."""
-    a = gather_factor((kv.k if part == "k" else kv.v)[0], blocks, block_size)
+    a = gather_factor(kv.stored(part)[0], blocks, block_size)
     return a if row_scale is None else a * row_scale.unsqueeze(-1).to(a.dtype)
 
 
