@@ -3,12 +3,10 @@ reference backend over a quantized paged cache against dense attention on the de
 
 import pytest
 import torch
-from test_backends import BLOCK, D_HEAD, SCALE, G, H, dense_reference, random_entries, tables_for
+from test_backends import D_HEAD, G, dense_reference, mixed_step
 
-from tpa_model.cache.backends import attend
 from tpa_model.cache.backends.reference import ReferenceBackend
-from tpa_model.cache.kv_cache import CacheSpec, KVCache, LayerKV
-from tpa_model.cache.metadata import build_metadata
+from tpa_model.cache.kv_cache import CacheSpec, LayerKV
 from tpa_model.cache.quantization import (
     KVCacheDtype,
     dequantize,
@@ -114,28 +112,9 @@ def test_quantized_step_equals_dense_attention_on_what_was_stored(dtypes, ranks,
     dense attention over the dequantized rows, to float32 rounding."""
     gen = torch.Generator().manual_seed(3)
     spec = CacheSpec(G, D_HEAD, *ranks, window, torch.float32, *dtypes)
-    kv = KVCache([spec], {"global" if window is None else "sliding": 64}, BLOCK, "cpu")
     backend = ReferenceBackend() if tiles == "one tile" else ReferenceBackend(tile_bytes=1, tile_scores=1)
     steps = [(12, 1), (21, 1), (0, 7), (9, 10)]
-    totals = [a + b for a, b in steps]
-    tables = tables_for(totals, 64, gen)
-    entries = [random_entries(spec, T, gen) for T in totals]
-
-    def parts(which, starts, lengths, seqs):
-        count = len(entries[0][which])
-        return tuple(torch.cat([entries[i][which][j][a : a + n] for i, a, n in zip(seqs, starts, lengths)])
-                     for j in range(count))
-
-    cached = [a for a, _ in steps]
-    warm = [i for i, a in enumerate(cached) if a]
-    zeros, warm_lengths = [0] * len(warm), [cached[i] for i in warm]
-    meta0 = build_metadata(kv, backend, zeros, warm_lengths, [[tables[i] for i in warm]], [])
-    backend.write(kv.layers[0], meta0.pools[0].slot_mapping, parts(0, zeros, warm_lengths, warm),
-                  parts(1, zeros, warm_lengths, warm))
-    lengths, seqs = [n for _, n in steps], range(len(steps))
-    meta = build_metadata(kv, backend, cached, lengths, [tables], [])
-    q = torch.randn(sum(lengths), H, D_HEAD, generator=gen)
-    out = attend(0, q, parts(0, cached, lengths, seqs), parts(1, cached, lengths, seqs), meta, SCALE)
+    meta, q, out, entries = mixed_step(spec, backend, steps, gen)
     for i in range(len(steps)):
         lo, hi = meta.query_start[i], meta.query_start[i + 1]
         k_read, v_read = stored_as(entries[i], spec)
@@ -158,3 +137,15 @@ def test_the_int4_rotation_is_orthogonal_and_spreads_a_large_channel(width):
     plain = dequantize(*quantize(keys, "int4"), "int4", torch.float32)
     turned = dequantize(*quantize(keys @ turn.float(), "int4"), "int4", torch.float32) @ turn.float().T
     assert (turned - keys).norm() < 0.9 * (plain - keys).norm()
+
+
+def test_tables_and_rotations_made_in_inference_mode_serve_autograd_later():
+    """The engine runs under inference mode and builds the cached rotation and byte tables there; a forward that
+    autograd records afterwards (healing, evaluation) must still use them."""
+    with torch.inference_mode():
+        turn = rotation(96, "cpu", torch.float32)
+        table_read = dequantize(*quantize(torch.randn(2, 64), "fp8_e4m3"), "fp8_e4m3", torch.float32)
+    assert not turn.is_inference() and table_read.is_inference()
+    x = torch.randn(3, 96, requires_grad=True)
+    (x @ turn).sum().backward()
+    assert torch.allclose(x.grad, turn.sum(1).expand(3, 96))

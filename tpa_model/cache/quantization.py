@@ -86,16 +86,21 @@ def rotation(width: int, device: torch.device, dtype: torch.dtype) -> torch.Tens
     sqrt(width) when width is a power of two, else a fixed random orthogonal matrix (QR of a seeded Gaussian)."""
     key = (width, torch.device(device), dtype)
     if key not in _ROTATIONS:
-        if width & (width - 1) == 0:
-            h = torch.ones(1, 1, dtype=torch.float64)
-            while h.shape[0] < width:
-                h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
-            matrix = h / width**0.5
-        else:
-            gen = torch.Generator().manual_seed(0)
-            matrix, _ = torch.linalg.qr(torch.randn(width, width, generator=gen, dtype=torch.float64))
-        _ROTATIONS[key] = matrix.to(device=device, dtype=dtype)
+        _ROTATIONS[key] = _make_rotation(width, device, dtype)
     return _ROTATIONS[key]
+
+
+@torch.inference_mode(False)
+def _make_rotation(width: int, device, dtype: torch.dtype) -> torch.Tensor:
+    """Built outside inference mode: the cached matrix is reused by later forwards that autograd records
+    (healing, evaluation), which cannot save an inference tensor for backward."""
+    if width & (width - 1) == 0:
+        h = torch.ones(1, 1, dtype=torch.float64)
+        while h.shape[0] < width:
+            h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+        return (h / width**0.5).to(device=device, dtype=dtype)
+    gen = torch.Generator().manual_seed(0)
+    return torch.linalg.qr(torch.randn(width, width, generator=gen, dtype=torch.float64))[0].to(device, dtype)
 
 
 def group_size(kind: str, width: int) -> int:
@@ -163,8 +168,10 @@ def stored_values(data: torch.Tensor, kind: str) -> torch.Tensor:
 _TABLES: dict[torch.device, dict[str, torch.Tensor]] = {}
 
 
+@torch.inference_mode(False)
 def _tables(device: torch.device) -> dict[str, torch.Tensor]:
-    """Per device: every byte as an e4m3 number [256], and as its two int4 numbers (low, high) [256, 2]."""
+    """Per device: every byte as an e4m3 number [256], and as its two int4 numbers (low, high) [256, 2]; built
+    outside inference mode, as they are kept for forwards that autograd may record."""
     if device not in _TABLES:
         byte = torch.arange(256, dtype=torch.int32).to(torch.uint8)
         _TABLES[device] = {"fp8_e4m3": byte.view(torch.float8_e4m3fn).float().to(device),
